@@ -1,0 +1,303 @@
+"""The public entry points: ``quantize`` (model in, model and report out) and ``quantize_file``.
+
+The pipeline runs each stage once, in order:
+load -> fold BatchNorm -> find pairs -> quantize -> solve compensation -> emit -> check.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx import version_converter
+
+from .check import check_with_onnxruntime, resolve_providers
+from .compensation import solve_compensation
+from .emit import compensated, emit_float, emit_qdq, storage_for
+from .errors import CheckError, InputError, first_line
+from .fold import fold_batchnorm
+from .graph import find_layers, import_graph, to_rows
+from .load import load_model
+from .pairs import find_pairs
+from .plan import QuantizedLayer, Scheme, assign_roles
+from .quantizers import quantize_rows, sqnr_db
+from .report import LayerReport, Report, initializer_bytes
+
+FORMATS = ("qdq", "float")
+GRANULARITIES = ("tensor", "channel")
+
+
+def required_opset(scheme: Scheme) -> int:
+    """The opset whose DequantizeLinear accepts the storage types of ``scheme`` (INT2: 25, INT4: 21)."""
+    low_storage = 2 if scheme.low == 2 else scheme.low + 1
+    return max(storage_for(low_storage)[1], storage_for(scheme.high + 1)[1])
+
+
+def quantize(
+    model: str | os.PathLike | onnx.ModelProto,
+    scheme: str | Scheme = "2/6",
+    *,
+    format: str = "qdq",
+    granularity: str = "tensor",
+    lambda1: float = 0.5,
+    lambda2: float = 0.0,
+    compensate: bool = True,
+    placement: str = "producer",
+    keep_first: bool = True,
+    keep_last: bool = True,
+    exclude: tuple[str, ...] | list[str] = (),
+    check: bool = True,
+    providers: tuple[str, ...] | list[str] = ("cpu",),
+    check_batch: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Quantize a float ONNX CNN with DF-MPC and return (quantized model, report).
+
+    ``scheme`` is LOW/HIGH bits ("2/6": ternary producers, 6-bit consumers).
+    ``format`` "qdq" stores integers with DequantizeLinear (compensation on
+    the producer); "float" stores dequantized floats, with the compensation
+    on the producer or, ``placement="consumer"``, on the consumer (Eq. 7).
+    ``compensate=False`` gives uncompensated rounding ("Original" in the paper).
+    Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
+    """
+    say = log or (lambda message: None)
+    scheme = scheme if isinstance(scheme, Scheme) else _parse_scheme(scheme)
+    _validate_options(format, granularity, lambda1, lambda2, placement, check_batch)
+    if format == "qdq" and placement != "producer":
+        raise InputError("--placement consumer needs --format float (qdq keeps the consumer on its integer grid)")
+    if check:
+        resolve_providers(providers)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 4)
+        clock = now
+        say(f"{stage}: {timings[stage]:.2f} s")
+
+    source = load_model(model)
+    label = str(model) if not isinstance(model, onnx.ModelProto) else (source.graph.name or "model")
+    opset_in = _default_opset(source)
+    notes: list[str] = []
+    working = source
+    if format == "qdq" and opset_in < required_opset(scheme):
+        target = required_opset(scheme)
+        working = _upgrade_opset(source, target)
+        notes.append(f"opset upgraded from {opset_in} to {target} for the integer storage types of {scheme} qdq")
+    lap("load")
+
+    graph = import_graph(working)
+    folding = fold_batchnorm(graph)
+    lap("fold")
+
+    layers, left_float = find_layers(graph)
+    unknown = [name for name in exclude if name not in layers and name not in left_float]
+    if unknown:
+        raise InputError(f"--exclude: no Conv, Gemm or MatMul named {', '.join(repr(n) for n in unknown)}")
+    for name in exclude:
+        if name in layers:
+            left_float[name] = "excluded (--exclude)"
+            del layers[name]
+    fixed = _fixed_layers(list(layers), keep_first, keep_last)
+    search = find_pairs(graph, layers, fixed)
+    roles = assign_roles(list(layers), search.pairs)
+    lap("pairs")
+
+    per_channel = granularity == "channel"
+    rows = {name: to_rows(layer.weight, layer.out_axis) for name, layer in layers.items()}
+    quantized = {name: quantize_rows(rows[name], scheme.low if roles[name][0] == "low" else scheme.high, per_channel)
+                 for name in layers}
+    lap("quantize")
+
+    compensation = {}
+    if compensate:
+        for pair in search.pairs:
+            producer = layers[pair.producer]
+            compensation[pair.producer] = solve_compensation(
+                rows[pair.producer], quantized[pair.producer].dequantize(), producer.bias, lambda1, lambda2)
+    qlayers = {name: QuantizedLayer(layer, roles[name][0], roles[name][1], quantized[name], compensation.get(name))
+               for name, layer in layers.items()}
+    lap("solve")
+
+    if format == "qdq":
+        emit_qdq(graph, qlayers)
+    else:
+        emit_float(graph, qlayers, search.pairs, placement)
+    result = _export(graph, working)
+    lap("emit")
+
+    check_result = None
+    serialized = result.SerializeToString()
+    if check:
+        try:
+            onnx.checker.check_model(result)
+        except onnx.checker.ValidationError as err:
+            raise CheckError(f"the quantized model fails the ONNX checker: {first_line(err)}") from None
+        reference = onnx.ModelProto()
+        reference.CopyFrom(source)
+        reference.ir_version = loadable_ir_version(reference, reference.ir_version)
+        check_result = check_with_onnxruntime(reference.SerializeToString(), serialized, providers, check_batch)
+        lap("check")
+
+    report = Report(
+        input=label, scheme=str(scheme), format=format, granularity=granularity, lambda1=lambda1, lambda2=lambda2,
+        compensation=compensate, placement=placement, opset_in=opset_in, opset_out=_default_opset(result),
+        layers=_layer_reports(graph, qlayers, left_float),
+        pairs=list(search.pairs), refusals=list(search.refusals),
+        folded_batchnorm=list(folding.folded), kept_batchnorm=list(folding.kept),
+        weight_bytes_before=initializer_bytes(source), weight_bytes_after=initializer_bytes(result),
+        notes=notes, check=check_result, timings=timings)
+    if not search.pairs:
+        report.notes.append("no quantizable pair: every layer was quantized at the HIGH bit width")
+    return result, report
+
+
+def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, **options) -> Report:
+    """``quantize`` a file and write the result atomically; the input is never touched.
+
+    The output path is validated before any work, and on any failure no
+    output file is left behind.
+    """
+    source, destination = Path(source), Path(destination)
+    check_output_path(source, destination)
+    model, report = quantize(source, **options)
+    save_model_atomic(model, destination)
+    return report
+
+
+def check_output_path(source: Path, destination: Path) -> None:
+    """Refuse an output that is the input, a folder, or in a folder that is missing or not writable."""
+    if destination.exists() and source.exists() and os.path.samefile(source, destination):
+        raise InputError(f"{destination}: output path is the input file; choose another name")
+    if destination.is_dir():
+        raise InputError(f"{destination}: output path is a folder")
+    folder = destination.resolve().parent
+    if not folder.is_dir():
+        raise InputError(f"{destination}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{destination}: output folder {folder} is not writable")
+
+
+def save_model_atomic(model: onnx.ModelProto, destination: str | os.PathLike) -> None:
+    """Write to a temporary file in the destination folder, then rename over the destination."""
+    destination = Path(destination)
+    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.resolve().parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(model.SerializeToString())
+        os.replace(temporary, destination)
+    except OSError as err:
+        Path(temporary).unlink(missing_ok=True)
+        raise InputError(f"{destination}: cannot write: {err.strerror}") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _parse_scheme(text: str) -> Scheme:
+    try:
+        return Scheme.parse(text)
+    except ValueError as err:
+        raise InputError(f"--scheme: {err}") from None
+
+
+def _validate_options(format: str, granularity: str, lambda1: float, lambda2: float, placement: str,
+                      check_batch: int) -> None:
+    if format not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}, not '{format}'")
+    if granularity not in GRANULARITIES:
+        raise InputError(f"--granularity must be one of {', '.join(GRANULARITIES)}, not '{granularity}'")
+    if not (np.isfinite(lambda1) and np.isfinite(lambda2) and lambda1 >= 0 and lambda2 >= 0):
+        raise InputError("--lambda1 and --lambda2 must be finite and non-negative")
+    if placement not in ("producer", "consumer"):
+        raise InputError(f"--placement must be producer or consumer, not '{placement}'")
+    if check_batch < 1:
+        raise InputError("--check-batch must be at least 1")
+
+
+def _fixed_layers(names: list[str], keep_first: bool, keep_last: bool) -> dict[str, str]:
+    fixed: dict[str, str] = {}
+    if names and keep_first:
+        fixed[names[0]] = "first layer kept out of pairs at HIGH bits (--keep-first)"
+    if names and keep_last:
+        fixed[names[-1]] = "last layer kept out of pairs at HIGH bits (--keep-last)"
+    return fixed
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    try:
+        return version_converter.convert_version(model, target)
+    except Exception as err:  # the converter raises several unrelated types
+        raise InputError(f"cannot upgrade the model to opset {target} for integer storage ({first_line(err)}); "
+                         f"use --format float") from None
+
+
+def _export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export the rewritten graph keeping the original's metadata and an IR version onnxruntime reads."""
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    model.ir_version = loadable_ir_version(model, original.ir_version)
+    model.producer_name = "dfmpc-onnx"
+    model.doc_string = original.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    return model
+
+
+def loadable_ir_version(model: onnx.ModelProto, preferred: int) -> int:
+    """``preferred`` lowered to what the installed onnxruntime reads, raised to what the opsets need."""
+    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return max(needed, min(preferred, onnxruntime_max_ir_version()))
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_max_ir_version() -> int:
+    """The newest IR version the installed onnxruntime loads, found by loading an empty Identity model."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    for ir_version in range(onnx.IR_VERSION, 3, -1):
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=ir_version)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ir_version
+        except Exception:  # onnxruntime reports an unsupported IR version as a generic failure
+            continue
+    return 7
+
+
+def _layer_reports(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], left_float: dict[str, str]) -> list[LayerReport]:
+    reports: dict[str, LayerReport] = {}
+    for name, ql in qlayers.items():
+        effective, _ = compensated(ql)
+        rows = to_rows(ql.layer.weight, ql.layer.out_axis)
+        c = ql.compensation
+        reports[name] = LayerReport(
+            name=name, op=ql.layer.op, role=ql.role, bits=ql.quantized.bits, partner=ql.partner,
+            sqnr_db=sqnr_db(rows, effective.dequantize()),
+            c_min=None if c is None else float(c.min()),
+            c_median=None if c is None else float(np.median(c)),
+            c_max=None if c is None else float(c.max()))
+    for name, reason in left_float.items():
+        node = next(n for n in graph.nodes if n.name == name)
+        reports[name] = LayerReport(name=name, op=node.op, role="float", bits=None, partner=None, sqnr_db=None,
+                                    note=reason)
+    order = {node.name: index for index, node in enumerate(graph.nodes)}
+    return sorted(reports.values(), key=lambda r: order.get(r.name, len(order)))

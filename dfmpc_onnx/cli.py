@@ -1,0 +1,97 @@
+"""``dfmpc-onnx IN.onnx OUT.onnx --scheme 2/6``: a thin shell over ``dfmpc_onnx.quantize_file``.
+
+Exit statuses: 0 success, 2 bad input or usage, 3 the quantized model failed
+the onnxruntime check, 1 an internal error (a bug: please report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .api import quantize_file
+from .errors import CheckError, InputError, first_line
+from .report import Report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfmpc-onnx",
+        description="Data-free mixed-precision compensation: rewrite a float ONNX CNN with ternary/low-bit "
+                    "producer layers compensated by higher-bit consumer layers. No data, no fine-tuning.")
+    parser.add_argument("input", type=Path, help="float ONNX model")
+    parser.add_argument("output", type=Path, help="where to write the quantized model (never the input)")
+    parser.add_argument("--scheme", default="2/6",
+                        help="LOW/HIGH bit widths; LOW=2 is ternary (Eqs. 3-4), other widths DoReFa (Eq. 6). "
+                             "Default 2/6")
+    parser.add_argument("--format", choices=("qdq", "float"), default="qdq",
+                        help="qdq: integer weights + DequantizeLinear (default); float: dequantized float weights")
+    parser.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
+                        help="quantizer scales per tensor (the paper, default) or per output channel")
+    parser.add_argument("--lambda1", type=float, default=0.5, help="weight of the bias term (default 0.5)")
+    parser.add_argument("--lambda2", type=float, default=0.0, help="weight of the ||c||^2 term (default 0)")
+    parser.add_argument("--no-compensation", dest="compensate", action="store_false",
+                        help="plain rounding, c = 1 ('Original' in the paper)")
+    parser.add_argument("--placement", choices=("producer", "consumer"), default="producer",
+                        help="where c is applied; consumer (Eq. 7 literally) needs --format float")
+    parser.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the first layer out of pairs, at HIGH bits (default on)")
+    parser.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the last layer (classifier) out of pairs, at HIGH bits (default on)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE_NAME",
+                        help="leave these Conv/Gemm/MatMul nodes in float")
+    parser.add_argument("--report", type=Path, metavar="PATH.json", help="also write the full report as JSON")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the onnxruntime comparison of the float and quantized model")
+    parser.add_argument("--providers", default="cpu",
+                        help="comma-separated onnxruntime providers for the check: cpu (default), cuda")
+    parser.add_argument("--check-batch", type=int, default=1, help="batch size for dynamic batch dims in the check")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="print stage timings as they finish")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda message: print(message, file=sys.stderr, flush=True)) if args.verbose else None
+    try:
+        if args.report is not None and args.report.resolve().parent.is_dir() is False:
+            raise InputError(f"{args.report}: report folder does not exist")
+        report = quantize_file(
+            args.input, args.output, scheme=args.scheme, format=args.format, granularity=args.granularity,
+            lambda1=args.lambda1, lambda2=args.lambda2, compensate=args.compensate, placement=args.placement,
+            keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,
+            providers=[p.strip() for p in args.providers.split(",") if p.strip()], check_batch=args.check_batch,
+            log=log)
+    except (InputError, CheckError) as err:
+        print(f"dfmpc-onnx: error: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print("dfmpc-onnx: interrupted; no output written", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: one line, the traceback only when asked
+        if args.verbose:
+            traceback.print_exc()
+        print(f"dfmpc-onnx: internal error: {type(err).__name__}: {first_line(err)} "
+              "(no output written; rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+    if args.report is not None:
+        _write_report(report, args.report)
+    if not args.quiet:
+        print(report.format_table())
+        print()
+        print(report.format_summary())
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _write_report(report: Report, path: Path) -> None:
+    try:
+        path.write_text(report.to_json() + "\n")
+    except OSError as err:
+        print(f"dfmpc-onnx: warning: cannot write report {path}: {err.strerror}", file=sys.stderr)

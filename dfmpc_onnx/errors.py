@@ -1,0 +1,19 @@
+"""The two ways the tool refuses to hand back a model, and their exit statuses."""
+
+
+class InputError(Exception):
+    """The input model, an option or the output path cannot be used (exit status 2)."""
+
+    exit_status = 2
+
+
+class CheckError(Exception):
+    """The quantized model failed to load or run in onnxruntime (exit status 3)."""
+
+    exit_status = 3
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, for one-line error reports."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:limit]

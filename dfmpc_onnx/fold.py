@@ -1,0 +1,92 @@
+"""Stage 2: fold BatchNormalization into the Conv before it (spec section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import constant_value, replace_list, unique_name
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    folded: tuple[str, ...]
+    """Names of the BatchNormalization nodes folded away."""
+    kept: tuple[tuple[str, str], ...]
+    """(BatchNormalization name, reason) for each one left in the graph."""
+
+
+def fold_batchnorm_params(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    epsilon: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold y = gamma (x - mu) / sigma + beta into a conv's W and b.
+
+    W_j <- W_j gamma_j / sigma_j,  b_j <- beta_j + (b_j - mu_j) gamma_j / sigma_j,
+    sigma_j = sqrt(var_j + eps). Computed in float64, returned as float32.
+    """
+    sigma = np.sqrt(var.astype(np.float64) + epsilon)
+    scale = gamma.astype(np.float64) / sigma
+    b = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
+    shape = (-1,) + (1,) * (weight.ndim - 1)
+    new_weight = weight.astype(np.float64) * scale.reshape(shape)
+    new_bias = beta.astype(np.float64) + (b - mean.astype(np.float64)) * scale
+    return new_weight.astype(np.float32), new_bias.astype(np.float32)
+
+
+def fold_batchnorm(graph: gs.Graph) -> FoldResult:
+    """Fold every BatchNormalization whose input is the sole output use of a Conv with constant weights.
+
+    Rewrites ``graph`` in place (the Conv takes over the BatchNormalization's
+    output tensor) and removes the folded nodes.
+    """
+    folded: list[str] = []
+    kept: list[tuple[str, str]] = []
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        reason = _fold_one(graph, bn)
+        if reason is None:
+            folded.append(bn.name)
+        else:
+            kept.append((bn.name, reason))
+    graph.cleanup()
+    return FoldResult(folded=tuple(folded), kept=tuple(kept))
+
+
+def _fold_one(graph: gs.Graph, bn: gs.Node) -> str | None:
+    source = bn.inputs[0]
+    if len(source.inputs) != 1 or source.inputs[0].op != "Conv":
+        return "not directly after a Conv"
+    conv = source.inputs[0]
+    if len(source.outputs) != 1:
+        return f"the output of {conv.name} has other consumers"
+    if any(out.outputs or out in graph.outputs for out in bn.outputs[1:]):
+        return "running-statistics outputs are used (training mode)"
+    if bn.attrs.get("training_mode", 0):
+        return "training_mode is set"
+    params = [constant_value(t) for t in bn.inputs[1:5]]
+    weight = constant_value(conv.inputs[1])
+    bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    if weight is None or any(p is None for p in params) or (len(conv.inputs) > 2 and conv.inputs[2].name and bias is None):
+        return "weights or statistics are not constants"
+    gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+    epsilon = float(bn.attrs.get("epsilon", 1e-5))
+    if np.any(var < 0):
+        return "negative running variance"
+    if np.any(var + epsilon <= 0):
+        return "zero running variance and zero epsilon"
+    new_weight, new_bias = fold_batchnorm_params(weight, bias, gamma, beta, mean, var, epsilon)
+    weight_const = gs.Constant(unique_name(graph, f"{conv.name}.weight_bnfold"), new_weight)
+    bias_const = gs.Constant(unique_name(graph, f"{conv.name}.bias_bnfold"), new_bias)
+    output = bn.outputs[0]
+    bn.inputs.clear()
+    bn.outputs.clear()
+    replace_list(conv.inputs, [conv.inputs[0], weight_const, bias_const])
+    replace_list(conv.outputs, [output])
+    return None

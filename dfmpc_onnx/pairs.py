@@ -1,0 +1,222 @@
+"""Stage 3: find producer/consumer pairs (spec section 1, the paper's Fig. 2).
+
+A pair is a producer P (quantized to LOW bits) and a consumer C (HIGH bits)
+such that C's input channel ``offset + j`` (or feature block ``j`` after a
+Flatten) is exactly P's output channel j passed through operations that
+commute with a positive per-channel scale:
+
+    P -> [f positively homogeneous] -> [channel-preserving ops] -> C
+
+Every tensor on the way must have a single consumer, otherwise the scaled
+channel would leak into a branch that does not compensate it (a residual Add).
+
+Assignment: producers are visited in topological order and each takes its
+consumer when neither is in a pair yet. This gives the paper's Fig. 2: basic
+block conv1 low / conv2 high; bottleneck 1x1 low / 3x3 high (the 3x3 is
+then taken, so the last 1x1 stays unpaired); dense layer 1x1 low / 3x3 high;
+plain chains alternate low, high, low, high.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import Layer, constant_value
+
+# Ops with f(c x) = c f(x) for c >= 0, applied channel by channel.
+HOMOGENEOUS_OPS = ("Relu", "LeakyRelu", "PRelu", "Identity", "Dropout",
+                   "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """P's output channel j feeds C's input features ``offset + j*block ... offset + (j+1)*block - 1``."""
+
+    producer: str
+    consumer: str
+    offset: int
+    block: int
+    path: tuple[str, ...]
+    """Op types between producer and consumer."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A producer candidate that was not paired, and why."""
+
+    producer: str
+    consumer: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class PairSearch:
+    pairs: tuple[Pair, ...]
+    refusals: tuple[Refusal, ...]
+
+
+def find_pairs(graph: gs.Graph, layers: dict[str, Layer], fixed: dict[str, str]) -> PairSearch:
+    """Pair the layers of ``graph`` (``layers`` in topological order).
+
+    ``fixed`` maps layer names that may not join any pair (first layer,
+    last layer, excluded) to the reason, which is reported.
+    """
+    graph_outputs = {t.name for t in graph.outputs}
+    taken: dict[str, str] = {}
+    pairs: list[Pair] = []
+    refusals: list[Refusal] = []
+    for name, layer in layers.items():
+        if name in taken:
+            continue
+        if name in fixed:
+            refusals.append(Refusal(name, None, fixed[name]))
+            continue
+        link = trace_consumer(layer, layers, graph_outputs)
+        if isinstance(link, Refusal):
+            refusals.append(link)
+        elif link.consumer in fixed:
+            refusals.append(Refusal(name, link.consumer, f"consumer {link.consumer}: {fixed[link.consumer]}"))
+        elif link.consumer in taken:
+            refusals.append(Refusal(name, link.consumer, f"consumer {link.consumer} is already {taken[link.consumer]}"))
+        else:
+            pairs.append(link)
+            taken[name] = f"the producer of the pair with {link.consumer}"
+            taken[link.consumer] = f"the consumer of the pair with {name}"
+    return PairSearch(pairs=tuple(pairs), refusals=tuple(refusals))
+
+
+def trace_consumer(producer: Layer, layers: dict[str, Layer], graph_outputs: set[str]) -> Pair | Refusal:
+    """Follow P's output forward to the weighted layer that consumes it, or say why not."""
+    name = producer.name
+    if producer.op == "Gemm" and (producer.node.attrs.get("alpha", 1.0) != 1.0 or producer.node.attrs.get("beta", 1.0) != 1.0):
+        return Refusal(name, None, "Gemm with alpha or beta != 1 is not paired as a producer")
+    tensor = producer.node.outputs[0]
+    offset, block = 0, 1
+    path: list[str] = []
+    while True:
+        if tensor.name in graph_outputs:
+            return Refusal(name, None, f"'{tensor.name}' is a graph output")
+        users = list(tensor.outputs)
+        if len(users) != 1:
+            uses = ", ".join(f"{n.op} {n.name}" for n in users) or "nothing"
+            return Refusal(name, None, f"'{tensor.name}' feeds {len(users)} nodes ({uses}); a rescaled channel would leak")
+        node = users[0]
+        if node.name in layers:
+            return _as_consumer(producer, layers[node.name], tensor, offset, block, tuple(path))
+        step = channel_step(node, tensor, offset, block)
+        if isinstance(step, str):
+            return Refusal(name, None, f"{step} (after {name})")
+        tensor, offset, block = step
+        path.append(node.op)
+
+
+def _as_consumer(producer: Layer, consumer: Layer, tensor: gs.Tensor, offset: int, block: int,
+                 path: tuple[str, ...]) -> Pair | Refusal:
+    node = consumer.node
+    if node.inputs[0] is not tensor:
+        return Refusal(producer.name, consumer.name, f"reaches {consumer.name} as its weight, not its data input")
+    if node.op == "Conv" and block != 1:
+        return Refusal(producer.name, consumer.name, "a Conv consumer after a Flatten")
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return Refusal(producer.name, consumer.name, "Gemm consumer with transA=1")
+    in_axis = 1 if node.op == "Conv" else 1 - consumer.out_axis
+    in_features = consumer.weight.shape[in_axis]
+    if node.op == "Conv":
+        in_features *= int(node.attrs.get("group", 1))
+    if offset + producer.out_channels * block > in_features:
+        return Refusal(producer.name, consumer.name, "channel count does not match the consumer's input")
+    return Pair(producer.name, consumer.name, offset, block, path)
+
+
+def channel_step(node: gs.Node, tensor: gs.Tensor, offset: int, block: int) -> tuple[gs.Tensor, int, int] | str:
+    """Pass ``tensor`` through ``node`` keeping track of where P's channels are; a reason string if they are lost."""
+    op = node.op
+    label = f"{op} {node.name}"
+    if op == "Clip":
+        return f"Relu6/{label} is not positively homogeneous"
+    if op == "BatchNormalization":
+        return f"{label} (not folded) adds a per-channel shift, which is not positively homogeneous"
+    if op in ("Add", "Sub", "Mul", "Div", "Sum"):
+        return f"{label} ends the chain (residual or elementwise arithmetic)"
+    if op not in HOMOGENEOUS_OPS + ("Pad", "Flatten", "Reshape", "Concat"):
+        return f"{label} is not positively homogeneous or does not keep channels"
+    if node.inputs[0] is not tensor:
+        return f"reaches {label} on a parameter input"
+    if op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+        return f"{label} has its mask output used"
+    if op == "Pad":
+        reason = _pad_keeps_channels(node)
+        if reason:
+            return f"{label} {reason}"
+    if op in ("Flatten", "Reshape"):
+        spatial = _flattened_block(node, tensor)
+        if spatial is None:
+            return f"{label} does not flatten (N, C, ...) to (N, C*...) with known shapes"
+        offset, block = offset * spatial, block * spatial
+    if op == "Concat":
+        shifted = _concat_offset(node, tensor)
+        if shifted is None:
+            return f"{label} is not along channels, repeats the input, or has unknown shapes"
+        offset += shifted
+    return node.outputs[0], offset, block
+
+
+def _pad_keeps_channels(node: gs.Node) -> str | None:
+    if node.attrs.get("mode", "constant") != "constant":
+        return f"uses mode '{node.attrs['mode']}'"
+    if "pads" in node.attrs:
+        pads = np.asarray(node.attrs["pads"])
+        value = float(node.attrs.get("value", 0.0))
+    else:
+        pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        value_t = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(1)
+        if pads is None or value_t is None or (len(node.inputs) > 3 and node.inputs[3].name):
+            return "has pads that are not constant (or axes)"
+        value = float(np.asarray(value_t).reshape(-1)[0]) if np.asarray(value_t).size else 0.0
+    if value != 0.0:
+        return f"pads with the non-zero value {value}"
+    rank = len(pads) // 2
+    if rank < 2 or pads[1] != 0 or pads[rank + 1] != 0:
+        return "pads the channel axis"
+    return None
+
+
+def _static_shape(tensor: gs.Tensor) -> list[int] | None:
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape[1:]):
+        return None
+    return [int(d) if isinstance(d, (int, np.integer)) else -1 for d in shape]
+
+
+def _flattened_block(node: gs.Node, tensor: gs.Tensor) -> int | None:
+    """Features per channel after a Flatten/Reshape that maps (N, C, ...) to (N, C*...)."""
+    in_shape, out_shape = _static_shape(tensor), _static_shape(node.outputs[0])
+    if in_shape is None or out_shape is None or len(in_shape) < 2 or len(out_shape) != 2:
+        return None
+    if node.op == "Flatten" and node.attrs.get("axis", 1) != 1:
+        return None
+    if out_shape[1] != int(np.prod(in_shape[1:])):
+        return None
+    return int(np.prod(in_shape[2:]))
+
+
+def _concat_offset(node: gs.Node, tensor: gs.Tensor) -> int | None:
+    """Channels that come before ``tensor`` in a channel Concat."""
+    if sum(t is tensor for t in node.inputs) != 1:
+        return None
+    out_shape = node.outputs[0].shape
+    axis = int(node.attrs.get("axis", 1))
+    if out_shape is None or axis not in (1, 1 - len(out_shape)):
+        return None
+    offset = 0
+    for t in node.inputs:
+        if t is tensor:
+            return offset
+        shape = t.shape
+        if shape is None or len(shape) < 2 or not isinstance(shape[1], (int, np.integer)):
+            return None
+        offset += int(shape[1])
+    return None

@@ -1,0 +1,98 @@
+"""Stage 4: weight quantizers (spec section 2).
+
+Both work on a weight laid out as rows, one row per output channel (see
+``graph.to_rows``), and return integer codes and one scale per row, so that
+the quantized weight is exactly ``codes * scale[:, None]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TERNARY_THRESHOLD = 0.7
+"""Delta = 0.7 mean(|W|) (Eq. 4, Ternary Weight Networks)."""
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """``codes * scale[:, None]`` is the quantized weight, in rows.
+
+    ``bits`` is the scheme's bit width (2 means ternary); ``storage_bits``
+    the signed integer width that holds every code.
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    bits: int
+    storage_bits: int
+
+    def dequantize(self) -> np.ndarray:
+        return (self.codes.astype(np.float64) * self.scale[:, None]).astype(np.float32)
+
+    def with_scale(self, scale: np.ndarray) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, np.asarray(scale, dtype=np.float64), self.bits, self.storage_bits)
+
+
+def ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> QuantizedWeight:
+    """Ternary weights, Eqs. 3-4: What = alpha * T, T in {-1, 0, +1}.
+
+    Delta = 0.7 mean(|W|), T = sign(W) [|W| > Delta], alpha = mean(|W| over
+    |W| > Delta); per tensor (the paper) or per output channel (row).
+    An all-zero tensor or row gets alpha = 0.
+    """
+    w = np.abs(rows.astype(np.float64))
+    axis = 1 if per_channel else None
+    delta = TERNARY_THRESHOLD * w.mean(axis=axis, keepdims=True)
+    kept = w > delta
+    count = kept.sum(axis=axis, keepdims=True)
+    total = np.where(kept, w, 0.0).sum(axis=axis, keepdims=True)
+    alpha = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    codes = (np.sign(rows) * kept).astype(np.int8)
+    scale = np.broadcast_to(alpha.reshape(-1), (rows.shape[0],)).copy()
+    return QuantizedWeight(codes, scale, bits=2, storage_bits=2)
+
+
+def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False) -> QuantizedWeight:
+    """k-bit uniform weights, Eq. 6 (DoReFa-Net):
+
+        Q_k(W) = M (2/(2^k - 1) round((2^k - 1)(W/(2M) + 1/2)) - 1),  M = max(|W|)
+
+    The 2^k levels are M q / (2^k - 1) for odd q in [-(2^k - 1), 2^k - 1]:
+    codes are q, scale is M / (2^k - 1), stored in a signed (k+1)-bit integer.
+    M is taken per tensor (the paper) or per output channel.
+    """
+    if bits < 1:
+        raise ValueError(f"bit width must be at least 1, got {bits}")
+    levels = 2**bits - 1
+    w = rows.astype(np.float64)
+    axis = 1 if per_channel else None
+    m = np.abs(w).max(axis=axis, keepdims=True) if w.size else np.zeros((1, 1))
+    safe_m = np.where(m > 0, m, 1.0)
+    steps = np.rint(levels * (w / (2 * safe_m) + 0.5))
+    codes = (2 * steps - levels).astype(np.int32)
+    scale = np.broadcast_to((m / levels).reshape(-1), (rows.shape[0],)).copy()
+    return QuantizedWeight(codes.astype(_int_type(bits + 1)), scale, bits=bits, storage_bits=bits + 1)
+
+
+def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool) -> QuantizedWeight:
+    """Ternary for 2 bits (Eqs. 3-4), DoReFa for 3 bits and more (Eq. 6)."""
+    if bits == 2:
+        return ternary_quantize(rows, per_channel)
+    return dorefa_quantize(rows, bits, per_channel)
+
+
+def _int_type(storage_bits: int) -> type:
+    return np.int8 if storage_bits <= 8 else np.int16 if storage_bits <= 16 else np.int32
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(|W|^2 / |W - What|^2) in dB (inf if exact)."""
+    signal = float(np.sum(np.square(reference, dtype=np.float64)))
+    noise = float(np.sum(np.square(reference.astype(np.float64) - approx.astype(np.float64))))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(signal / noise)

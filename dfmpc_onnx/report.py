@@ -1,0 +1,147 @@
+"""Stage 8: what was done to each layer, as a table for people and JSON for tools."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from .check import CheckResult
+from .pairs import Pair, Refusal
+
+_SUB_BYTE_BITS = {onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2,
+                  onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    op: str
+    role: str
+    """low (pair producer), high (pair consumer), kept (in no pair, HIGH bits) or float."""
+    bits: int | None
+    partner: str | None
+    sqnr_db: float | None
+    """Of the weight the model now computes with (with c for producers) against the float weight."""
+    c_min: float | None = None
+    c_median: float | None = None
+    c_max: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class Report:
+    input: str
+    scheme: str
+    format: str
+    granularity: str
+    lambda1: float
+    lambda2: float
+    compensation: bool
+    placement: str
+    opset_in: int
+    opset_out: int
+    layers: list[LayerReport]
+    pairs: list[Pair]
+    refusals: list[Refusal]
+    folded_batchnorm: list[str]
+    kept_batchnorm: list[tuple[str, str]]
+    weight_bytes_before: int
+    weight_bytes_after: int
+    notes: list[str] = field(default_factory=list)
+    check: CheckResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def count(self, role: str) -> int:
+        return sum(layer.role == role for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["summary"] = {
+            "pairs": len(self.pairs),
+            "low_layers": self.count("low"),
+            "high_layers": self.count("high"),
+            "kept_layers": self.count("kept"),
+            "float_layers": self.count("float"),
+            "weight_bytes_ratio": self.weight_bytes_after / self.weight_bytes_before if self.weight_bytes_before else None,
+        }
+        return _json_safe(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def format_table(self) -> str:
+        """The per-layer table: layer, role, bits, partner, weight SQNR, c min/median/max."""
+        header = ("layer", "op", "role", "bits", "partner", "SQNR dB", "c min", "c med", "c max")
+        rows = [header]
+        for layer in self.layers:
+            rows.append((layer.name, layer.op, layer.role, _fmt(layer.bits), layer.partner or "-",
+                         _fmt(layer.sqnr_db, 1), _fmt(layer.c_min, 3), _fmt(layer.c_median, 3), _fmt(layer.c_max, 3)))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def format_summary(self) -> str:
+        lines = [
+            f"scheme {self.scheme} ({self.format}, {self.granularity} scales, "
+            f"compensation {'lambda1=%g lambda2=%g' % (self.lambda1, self.lambda2) if self.compensation else 'off'})",
+            f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, "
+            f"{self.count('high')} high, {self.count('kept')} kept at high bits; {self.count('float')} left float",
+            f"BatchNormalization folded: {len(self.folded_batchnorm)}"
+            + (f", kept: {len(self.kept_batchnorm)}" if self.kept_batchnorm else ""),
+            f"weight bytes: {self.weight_bytes_before:,} -> {self.weight_bytes_after:,}"
+            + (f" ({self.weight_bytes_after / self.weight_bytes_before:.1%})" if self.weight_bytes_before else ""),
+        ]
+        for layer in self.layers:
+            if layer.role == "float":
+                lines.append(f"left float: {layer.name}: {layer.note}")
+        for refusal in self.refusals:
+            lines.append(f"not paired: {refusal.producer}: {refusal.reason}")
+        for name, reason in self.kept_batchnorm:
+            lines.append(f"BatchNormalization not folded: {name}: {reason}")
+        lines.extend(f"note: {note}" for note in self.notes)
+        if self.check is None:
+            lines.append("onnxruntime check: skipped")
+        else:
+            for out in self.check.outputs:
+                lines.append(f"onnxruntime check ({self.check.providers[0]}, batch {self.check.batch}): output "
+                             f"'{out.name}' cosine {out.cosine:.4f}, SQNR {out.sqnr_db:.1f} dB")
+        return "\n".join(lines)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the initializers take when packed (INT2 four to a byte, INT4 two)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if tensor.data_type in _SUB_BYTE_BITS:
+            total += math.ceil(count * _SUB_BYTE_BITS[tensor.data_type] / 8)
+        elif tensor.data_type == onnx.TensorProto.STRING:
+            total += sum(len(s) for s in tensor.string_data)
+        else:
+            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def _fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
