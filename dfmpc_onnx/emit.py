@@ -109,7 +109,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
         layer = ql.layer
         dtype, _ = storage_for(q.storage_bits)
         codes = from_rows(q.codes, layer.weight.shape, layer.out_axis).astype(dtype)
-        code_const = gs.Constant(unique_name(graph, f"{name}.weight_int{q.storage_bits}"),
+        code_const = gs.Constant(unique_name(graph, f"{name}.weight_{np.dtype(dtype).name}"),
                                  LazyValues(numpy_helper.from_array(codes)))
         scale = q.scale.astype(np.float32)
         attrs = {}

@@ -143,7 +143,7 @@ def channel_step(node: gs.Node, tensor: gs.Tensor, offset: int, block: int) -> t
         return f"{label} ends the chain (residual or elementwise arithmetic)"
     if op not in HOMOGENEOUS_OPS + ("Pad", "Flatten", "Reshape", "Concat"):
         return f"{label} is not positively homogeneous or does not keep channels"
-    if node.inputs[0] is not tensor:
+    if op != "Concat" and node.inputs[0] is not tensor:
         return f"reaches {label} on a parameter input"
     if op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
         return f"{label} has its mask output used"

@@ -29,7 +29,8 @@ class QuantizedWeight:
     storage_bits: int
 
     def dequantize(self) -> np.ndarray:
-        return (self.codes.astype(np.float64) * self.scale[:, None]).astype(np.float32)
+        """codes x scale in float32, exactly as DequantizeLinear computes it."""
+        return self.codes.astype(np.float32) * self.scale.astype(np.float32)[:, None]
 
     def with_scale(self, scale: np.ndarray) -> QuantizedWeight:
         return QuantizedWeight(self.codes, np.asarray(scale, dtype=np.float64), self.bits, self.storage_bits)

@@ -1,0 +1,92 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import chain_model, residual_model, run_model
+from dfmpc_onnx import quantize
+
+
+def initializers(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def dequantized_weights(model):
+    """Conv/Gemm name -> weight computed from the qdq model's integer codes and scales, in numpy."""
+    values = initializers(model)
+    producers = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    weights = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and node.input[1] in producers:
+            dq = producers[node.input[1]]
+            codes = values[dq.input[0]].astype(np.float32)
+            scale = values[dq.input[1]].astype(np.float32)
+            if scale.ndim == 1:
+                shape = [1] * codes.ndim
+                axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+                shape[axis] = -1
+                scale = scale.reshape(shape)
+            weights[node.name] = codes * scale
+    return weights
+
+
+def float_weights(model):
+    values = initializers(model)
+    return {n.name: values[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+
+
+@pytest.mark.parametrize("make", [chain_model, residual_model])
+@pytest.mark.parametrize("scheme", ["2/6", "3/6", "4/8"])
+def test_qdq_integers_dequantize_exactly_to_the_float_format(make, scheme):
+    model = make()
+    qdq, report = quantize(model, scheme, format="qdq", check=False, keep_first=False)
+    flt, _ = quantize(model, scheme, format="float", check=False, keep_first=False)
+    assert report.pairs
+    from_codes = dequantized_weights(qdq)
+    plain = float_weights(flt)
+    assert from_codes.keys() == plain.keys()
+    for name in plain:
+        np.testing.assert_array_equal(from_codes[name], plain[name])
+    x = np.random.default_rng(3).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_model(qdq, x), run_model(flt, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [chain_model, residual_model])
+def test_producer_and_consumer_placement_are_the_same_network(make):
+    model = make()
+    producer, report = quantize(model, "2/6", format="float", placement="producer", check=False, keep_first=False)
+    consumer, _ = quantize(model, "2/6", format="float", placement="consumer", check=False, keep_first=False)
+    c = [layer for layer in report.layers if layer.role == "low"]
+    assert c and any(abs(layer.c_min - 1) > 1e-3 or abs(layer.c_max - 1) > 1e-3 for layer in c)
+    x = np.random.default_rng(4).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    a, b = run_model(producer, x), run_model(consumer, x)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    # and the placement matters for the weights themselves
+    assert any(not np.array_equal(u, v) for u, v in zip(float_weights(producer).values(), float_weights(consumer).values()))
+
+
+def test_qdq_storage_types_and_opset():
+    qdq, report = quantize(chain_model(), "2/6", check=False)
+    types = {t.data_type for t in qdq.graph.initializer if t.name.endswith(("int2", "int8"))}
+    assert types == {onnx.TensorProto.INT2, onnx.TensorProto.INT8}
+    assert report.opset_out == 25 and any("opset upgraded" in n for n in report.notes)
+    qdq, _ = quantize(chain_model(), "3/6", check=False)
+    assert onnx.TensorProto.INT4 in {t.data_type for t in qdq.graph.initializer}
+    assert qdq.ir_version <= 13
+
+
+def test_float_format_keeps_the_opset():
+    flt, report = quantize(chain_model(), "2/6", format="float", check=False)
+    assert report.opset_out == 17
+    assert not [n for n in flt.graph.node if n.op_type == "DequantizeLinear"]
+
+
+def test_no_compensation_leaves_weights_on_the_plain_ternary_grid():
+    _, report = quantize(chain_model(), "2/6", compensate=False, check=False)
+    assert all(layer.c_min is None for layer in report.layers)
+
+
+def test_same_input_same_bytes():
+    a, _ = quantize(residual_model(), "2/6", check=False)
+    b, _ = quantize(residual_model(), "2/6", check=False)
+    assert a.SerializeToString() == b.SerializeToString()

@@ -1,0 +1,72 @@
+"""The shared pretrained ResNet-20, quantized through the command line; skipped when ../shared is absent."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import SHARED, run_model
+
+
+def quantize_cli(source, out, *args):
+    result = subprocess.run([sys.executable, "-m", "dfmpc_onnx", str(source), str(out), *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return onnx.load(out), result.stdout
+
+
+def codes_per_layer(model):
+    """Conv/Gemm name -> its integer codes, read back through DequantizeLinear."""
+    values = {t.name: t for t in model.graph.initializer}
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name: numpy_helper.to_array(values[dq[n.input[1]].input[0]]).astype(np.int64)
+            for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dq}
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_resnet20_2_6_structure(resnet20, tmp_path, granularity):
+    model, stdout = quantize_cli(resnet20, tmp_path / "q.onnx", "--scheme", "2/6", "--granularity", granularity,
+                                 "--report", tmp_path / "r.json")
+    assert "pairs found: 9" in stdout
+    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    codes = codes_per_layer(model)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    ternary = [name for name, c in codes.items() if set(np.unique(c)) <= {-1, 0, 1}]
+    assert len(ternary) == 9 and all("/conv1/" in name for name in ternary)
+    high = [name for name in codes if name not in ternary]
+    assert len(high) == 11  # 9 block conv2, the stem and the classifier
+    for name in ternary:
+        for row in codes[name].reshape(codes[name].shape[0], -1):
+            assert len(np.unique(row)) <= 3
+    for name in high:
+        assert len(np.unique(codes[name])) <= 64
+        assert np.all(np.abs(codes[name]) <= 63) and np.all(codes[name] % 2 == 1)
+    assert onnx.TensorProto.INT2 in types.values()
+    assert (tmp_path / "q.onnx").stat().st_size < 0.25 * resnet20.stat().st_size
+
+
+def test_resnet20_6_6_stays_close_to_float(resnet20, tmp_path):
+    model, stdout = quantize_cli(resnet20, tmp_path / "q.onnx", "--scheme", "6/6", "--format", "float")
+    x = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
+    reference = run_model(onnx.load(resnet20), x)
+    quantized = run_model(model, x)
+    cosine = np.sum(reference * quantized) / np.linalg.norm(reference) / np.linalg.norm(quantized)
+    assert cosine > 0.99
+    assert np.mean(reference.argmax(1) == quantized.argmax(1)) >= 0.75
+
+
+def test_resnet20_on_real_images_when_present(resnet20, tmp_path):
+    data = SHARED / "data" / "cifar10_test_exact846.npz"
+    if not data.exists():
+        pytest.skip(f"{data} is absent")
+    arrays = np.load(data)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    x = ((arrays["x"][:200].astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy()
+    y = arrays["y"][:200]
+    model, _ = quantize_cli(resnet20, tmp_path / "q.onnx", "--scheme", "6/6")
+    accuracy = np.mean(run_model(model, x).argmax(1) == y)
+    float_accuracy = np.mean(run_model(onnx.load(resnet20), x).argmax(1) == y)
+    assert accuracy >= float_accuracy - 0.05

@@ -1,0 +1,92 @@
+import numpy as np
+from onnx import helper
+
+from conftest import GraphBuilder, chain_model, residual_model
+from dfmpc_onnx.fold import fold_batchnorm
+from dfmpc_onnx.graph import find_layers, import_graph
+from dfmpc_onnx.load import load_model
+from dfmpc_onnx.pairs import find_pairs
+
+
+def search(model, fixed=None):
+    graph = import_graph(load_model(model))
+    fold_batchnorm(graph)
+    layers, _ = find_layers(graph)
+    return find_pairs(graph, layers, fixed or {})
+
+
+def pair_names(result):
+    return [(p.producer, p.consumer) for p in result.pairs]
+
+
+def test_plain_chain_alternates_low_high():
+    result = search(chain_model(n_convs=4), fixed={"stem": "kept", "fc": "kept"})
+    assert pair_names(result) == [("conv0", "conv1"), ("conv2", "conv3")]
+
+
+def test_chain_without_fixed_layers_pairs_stem_and_reaches_gemm_through_flatten():
+    result = search(chain_model(n_convs=3))
+    assert pair_names(result) == [("stem", "conv0"), ("conv1", "conv2")]
+    # an odd chain: conv2 -> fc is taken already, so nothing else pairs
+    result = search(chain_model(n_convs=2))
+    assert pair_names(result) == [("stem", "conv0"), ("conv1", "fc")]
+    assert result.pairs[1].path == ("Relu", "GlobalAveragePool", "Flatten")
+    assert (result.pairs[1].offset, result.pairs[1].block) == (0, 1)
+
+
+def test_basic_block_pairs_conv1_conv2_and_residual_add_ends_chain():
+    result = search(residual_model(), fixed={"fc": "kept"})
+    assert pair_names(result) == [("block.conv1", "block.conv2")]
+    reasons = {r.producer: r.reason for r in result.refusals}
+    assert "feeds 2 nodes" in reasons["stem"]
+
+
+def test_relu6_clip_is_refused_with_reason():
+    g = GraphBuilder()
+    x = g.conv("x", 3, 4, name="a")
+    x = g.node("Clip", [x, g.const("lo", np.array(0.0)), g.const("hi", np.array(6.0))], name="relu6")
+    out = g.conv(x, 4, 4, name="b")
+    result = search(g.model(out))
+    assert result.pairs == ()
+    assert "not positively homogeneous" in result.refusals[0].reason and "relu6" in result.refusals[0].reason
+
+
+def test_depthwise_consumer_and_concat_offset():
+    g = GraphBuilder()
+    a = g.node("Relu", [g.conv("x", 3, 4, name="a")])
+    b = g.node("Relu", [g.conv("x", 3, 6, name="b")])
+    cat = g.node("Concat", [a, b], axis=1)
+    out = g.conv(cat, 10, 10, group=10, name="dw")
+    result = search(g.model(out))
+    assert pair_names(result) == [("a", "dw")]
+    assert result.pairs[0].offset == 0
+    # b is refused because dw is taken; its offset would have been 4
+    g2 = GraphBuilder()
+    a = g2.node("Relu", [g2.conv("x", 3, 4, name="a")])
+    pad = g2.node("Pad", [a, g2.const_int("pads", [0, 0, 1, 1, 0, 0, 1, 1])], mode="constant")
+    b = g2.node("Relu", [g2.conv("x", 3, 6, name="b")])
+    b = g2.node("Pad", [b, g2.const_int("pads2", [0, 0, 1, 1, 0, 0, 1, 1])], mode="constant")
+    cat = g2.node("Concat", [pad, b], axis=1)
+    out = g2.conv(cat, 10, 5, name="c")
+    result = search(g2.model(out), fixed={"a": "kept"})
+    assert pair_names(result) == [("b", "c")]
+    assert result.pairs[0].offset == 4
+
+
+def test_pad_on_channels_and_nonzero_pad_are_refused():
+    g = GraphBuilder()
+    a = g.conv("x", 3, 4, name="a")
+    p = g.node("Pad", [a, g.const_int("pads", [0, 0, 1, 1, 0, 0, 1, 1]), g.const("v", np.array(1.0))], mode="constant")
+    out = g.conv(p, 4, 4, name="b")
+    result = search(g.model(out))
+    assert result.pairs == () and "non-zero value" in result.refusals[0].reason
+
+
+def test_flatten_of_spatial_map_gives_block_per_channel():
+    g = GraphBuilder(input_shape=(1, 3, 4, 4))
+    a = g.node("Relu", [g.conv("x", 3, 2, name="a")])
+    flat = g.node("Flatten", [a], axis=1)
+    out = g.gemm(flat, 32, 5, name="fc")
+    result = search(g.model(out))
+    assert pair_names(result) == [("a", "fc")]
+    assert result.pairs[0].block == 16
