@@ -184,14 +184,21 @@ def check_output_path(source: Path, destination: Path) -> None:
     folder = destination.resolve().parent
     if not folder.is_dir():
         raise InputError(f"{destination}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{destination}: output folder {folder} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(f"{destination}: output folder {folder} is not writable ({err.strerror})") from None
 
 
 def save_model_atomic(model: onnx.ModelProto, destination: str | os.PathLike) -> None:
     """Write to a temporary file in the destination folder, then rename over the destination."""
     destination = Path(destination)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.resolve().parent)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp",
+                                             dir=destination.resolve().parent)
+    except OSError as err:
+        raise InputError(f"{destination}: cannot write: {err.strerror}") from None
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(model.SerializeToString())

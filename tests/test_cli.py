@@ -97,6 +97,14 @@ def test_output_in_read_only_folder(model_path, tmp_path):
     assert_refused(run_cli(model_path, out), out, "not writable")
 
 
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux /proc, where nobody can create files")
+def test_output_in_folder_that_refuses_files(model_path):
+    out = Path("/proc/dfmpc-test-out.onnx")
+    result = run_cli(model_path, out)
+    assert result.returncode == 2 and "not writable" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 def test_nan_weights(tmp_path):
     model = chain_model()
     tensor = model.graph.initializer[0]
