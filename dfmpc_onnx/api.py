@@ -6,7 +6,7 @@ load -> fold BatchNorm -> find pairs -> quantize -> solve compensation -> emit -
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 import tempfile
 import time
@@ -16,12 +16,11 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import version_converter
 
-from .check import check_with_onnxruntime, resolve_providers
+from .check import check_with_onnxruntime, loadable_ir_version, resolve_providers
 from .compensation import solve_compensation
-from .emit import compensated, emit_float, emit_qdq, storage_for
+from .emit import effective_weights, emit_float, emit_qdq, storage_for
 from .errors import CheckError, InputError, first_line
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph, to_rows
@@ -29,9 +28,13 @@ from .load import load_model
 from .pairs import find_pairs
 from .plan import QuantizedLayer, Scheme, assign_roles
 from .quantizers import quantize_rows, sqnr_db
+from .refine import match_statistics
 from .report import LayerReport, Report, initializer_bytes
+from .synthetic import synthetic_batch
 
 FORMATS = ("qdq", "float")
+REFINEMENTS = ("none", "stats")
+SYNTHETIC = ("noise", "pink")
 GRANULARITIES = ("tensor", "channel")
 
 
@@ -51,6 +54,10 @@ def quantize(
     lambda2: float = 0.0,
     compensate: bool = True,
     placement: str = "producer",
+    refine: str = "stats",
+    synthetic: str = "pink",
+    samples: int = 64,
+    seed: int = 0,
     keep_first: bool = True,
     keep_last: bool = True,
     exclude: tuple[str, ...] | list[str] = (),
@@ -66,13 +73,18 @@ def quantize(
     the producer); "float" stores dequantized floats, with the compensation
     on the producer or, ``placement="consumer"``, on the consumer (Eq. 7).
     ``compensate=False`` gives uncompensated rounding ("Original" in the paper).
+    ``refine="stats"`` then matches every quantized conv's per-channel output
+    mean and variance to the float model's on ``samples`` synthetic inputs
+    (``synthetic`` "pink" or "noise", seeded by ``seed``); ``refine="none"`` is
+    the paper's method alone.
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
     say = log or (lambda message: None)
     scheme = scheme if isinstance(scheme, Scheme) else _parse_scheme(scheme)
     _validate_options(format, granularity, lambda1, lambda2, placement, check_batch)
-    if format == "qdq" and placement != "producer":
-        raise InputError("--placement consumer needs --format float (qdq keeps the consumer on its integer grid)")
+    _validate_refinement(refine, synthetic, samples)
+    if placement != "producer" and (format == "qdq" or refine != "none"):
+        raise InputError("--placement consumer needs --format float and --refine none")
     if check:
         resolve_providers(providers)
     timings: dict[str, float] = {}
@@ -129,6 +141,14 @@ def quantize(
                for name, layer in layers.items()}
     lap("solve")
 
+    if refine == "stats" and qlayers:
+        skipped = _refinement_obstacle(graph)
+        if skipped:
+            notes.append(f"refinement skipped: {skipped}")
+        else:
+            qlayers = _refine_statistics(graph, qlayers, working, synthetic, samples, seed, say)
+        lap("refine")
+
     if format == "qdq":
         emit_qdq(graph, qlayers)
     else:
@@ -151,7 +171,9 @@ def quantize(
 
     report = Report(
         input=label, scheme=str(scheme), format=format, granularity=granularity, lambda1=lambda1, lambda2=lambda2,
-        compensation=compensate, placement=placement, opset_in=opset_in, opset_out=_default_opset(result),
+        compensation=compensate, placement=placement, refine=refine,
+        synthetic=synthetic if refine == "stats" else None, samples=samples if refine == "stats" else None,
+        seed=seed, opset_in=opset_in, opset_out=_default_opset(result),
         layers=_layer_reports(graph, qlayers, left_float),
         pairs=list(search.pairs), refusals=list(search.refusals),
         folded_batchnorm=list(folding.folded), kept_batchnorm=list(folding.kept),
@@ -232,6 +254,40 @@ def _validate_options(format: str, granularity: str, lambda1: float, lambda2: fl
         raise InputError("--check-batch must be at least 1")
 
 
+def _validate_refinement(refine: str, synthetic: str, samples: int) -> None:
+    if refine not in REFINEMENTS:
+        raise InputError(f"--refine must be one of {', '.join(REFINEMENTS)}, not '{refine}'")
+    if synthetic not in SYNTHETIC:
+        raise InputError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, not '{synthetic}'")
+    if samples < 2:
+        raise InputError("--samples must be at least 2")
+
+
+def _refinement_obstacle(graph: gs.Graph) -> str | None:
+    """Why statistics matching cannot run on this graph, or None."""
+    if len(graph.inputs) != 1 or graph.inputs[0].dtype != np.float32:
+        return f"it needs one float input, the model has {len(graph.inputs)} inputs"
+    shape = graph.inputs[0].shape
+    if shape is None or len(shape) < 2 or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shape[1:]):
+        return f"input shape {shape} is not static after the batch dim"
+    return None
+
+
+def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], working: onnx.ModelProto,
+                       synthetic: str, samples: int, seed: int,
+                       say: Callable[[str], None]) -> dict[str, QuantizedLayer]:
+    """Statistics matching on synthetic inputs (refine.py); the graph must still hold the float weights."""
+    shape = list(graph.inputs[0].shape)
+    inputs = synthetic_batch(shape, synthetic, samples, seed)
+    batch = shape[0] if isinstance(shape[0], (int, np.integer)) and shape[0] > 0 else 32
+    reference = onnx.ModelProto()
+    reference.opset_import.extend(working.opset_import)
+    reference.ir_version = loadable_ir_version(working, working.ir_version)
+    state = {name: effective_weights(ql) for name, ql in qlayers.items()}
+    state = match_statistics(graph, qlayers, state, inputs, reference, chunk=int(batch), log=say)
+    return {name: dataclasses.replace(ql, refined=state[name]) for name, ql in qlayers.items()}
+
+
 def _fixed_layers(names: list[str], keep_first: bool, keep_last: bool) -> dict[str, str]:
     fixed: dict[str, str] = {}
     if names and keep_first:
@@ -268,32 +324,10 @@ def _export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def loadable_ir_version(model: onnx.ModelProto, preferred: int) -> int:
-    """``preferred`` lowered to what the installed onnxruntime reads, raised to what the opsets need."""
-    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    return max(needed, min(preferred, onnxruntime_max_ir_version()))
-
-
-@functools.lru_cache(maxsize=1)
-def onnxruntime_max_ir_version() -> int:
-    """The newest IR version the installed onnxruntime loads, found by loading an empty Identity model."""
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    for ir_version in range(onnx.IR_VERSION, 3, -1):
-        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=ir_version)
-        try:
-            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-            return ir_version
-        except Exception:  # onnxruntime reports an unsupported IR version as a generic failure
-            continue
-    return 7
-
-
 def _layer_reports(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], left_float: dict[str, str]) -> list[LayerReport]:
     reports: dict[str, LayerReport] = {}
     for name, ql in qlayers.items():
-        effective, _ = compensated(ql)
+        effective, _ = effective_weights(ql)
         rows = to_rows(ql.layer.weight, ql.layer.out_axis)
         c = ql.compensation
         reports[name] = LayerReport(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .errors import CheckError, InputError, first_line
@@ -110,3 +113,24 @@ def check_with_onnxruntime(reference: bytes, candidate: bytes, providers: list[s
         agreements.append(OutputAgreement(spec.name, cosine, sqnr))
     return CheckResult(providers=tuple(cand_session.get_providers()), batch=batch, outputs=tuple(agreements))
 
+
+def loadable_ir_version(model: onnx.ModelProto, preferred: int) -> int:
+    """``preferred`` lowered to what the installed onnxruntime reads, raised to what the opsets need."""
+    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return max(needed, min(preferred, onnxruntime_max_ir_version()))
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_max_ir_version() -> int:
+    """The newest IR version the installed onnxruntime loads, found by loading an empty Identity model."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    for ir_version in range(onnx.IR_VERSION, 3, -1):
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=ir_version)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ir_version
+        except Exception:  # onnxruntime reports an unsupported IR version as a generic failure
+            continue
+    return 7

@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plain rounding, c = 1 ('Original' in the paper)")
     parser.add_argument("--placement", choices=("producer", "consumer"), default="producer",
                         help="where c is applied; consumer (Eq. 7 literally) needs --format float")
+    parser.add_argument("--refine", choices=("none", "stats"), default="stats",
+                        help="after compensation: stats (default) matches each quantized conv's per-channel output "
+                             "mean and variance to the float model's on synthetic inputs; none is the paper alone")
+    parser.add_argument("--synthetic", choices=("pink", "noise"), default="pink",
+                        help="synthetic inputs for --refine stats: 1/f^2 pink noise (default) or white noise")
+    parser.add_argument("--samples", type=int, default=64, help="number of synthetic inputs (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (default 0)")
     parser.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the first layer out of pairs, at HIGH bits (default on)")
     parser.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=True,
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         report = quantize_file(
             args.input, args.output, scheme=args.scheme, format=args.format, granularity=args.granularity,
             lambda1=args.lambda1, lambda2=args.lambda2, compensate=args.compensate, placement=args.placement,
+            refine=args.refine, synthetic=args.synthetic, samples=args.samples, seed=args.seed,
             keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,
             providers=[p.strip() for p in args.providers.split(",") if p.strip()], check_batch=args.check_batch,
             log=log)

@@ -38,8 +38,11 @@ def storage_for(bits: int) -> tuple[type, int]:
     raise ValueError(f"no integer storage for {bits}-bit codes")
 
 
-def compensated(qlayer: QuantizedLayer) -> tuple[QuantizedWeight, np.ndarray | None]:
-    """Producer placement: (codes with scale alpha c_j, bias c_j b_j); other roles unchanged."""
+def effective_weights(qlayer: QuantizedLayer) -> tuple[QuantizedWeight, np.ndarray | None]:
+    """The (codes and scales, bias) the output computes with: the refined ones if refined, else
+    producer placement of c, (codes with scale alpha c_j, bias c_j b_j); other roles unchanged."""
+    if qlayer.refined is not None:
+        return qlayer.refined
     q, bias = qlayer.quantized, qlayer.layer.bias
     if qlayer.compensation is None:
         return q, bias
@@ -55,7 +58,7 @@ def float_weights(qlayers: dict[str, QuantizedLayer], pairs: tuple[Pair, ...],
         raise ValueError(f"placement must be 'producer' or 'consumer', not '{placement}'")
     result = {}
     for name, ql in qlayers.items():
-        q, bias = compensated(ql) if placement == "producer" else (ql.quantized, ql.layer.bias)
+        q, bias = effective_weights(ql) if placement == "producer" else (ql.quantized, ql.layer.bias)
         result[name] = (from_rows(q.dequantize(), ql.layer.weight.shape, ql.layer.out_axis), bias)
     if placement == "consumer":
         for pair in pairs:
@@ -105,7 +108,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
     at least what ``storage_for`` names for every layer's codes.
     """
     for name, ql in qlayers.items():
-        q, bias = compensated(ql)
+        q, bias = effective_weights(ql)
         layer = ql.layer
         dtype, _ = storage_for(q.storage_bits)
         codes = from_rows(q.codes, layer.weight.shape, layer.out_axis).astype(dtype)

@@ -39,13 +39,15 @@ class Scheme:
 class QuantizedLayer:
     """One layer's outcome: role ``low`` (pair producer), ``high`` (pair consumer) or ``kept``
     (in no pair, at HIGH bits); ``quantized`` is before compensation, ``compensation``
-    the producer's c (Eq. 7), None for other roles."""
+    the producer's c (Eq. 7), None for other roles; ``refined`` the (codes and scales,
+    bias) after the refinement stage, None when there was none."""
 
     layer: Layer
     role: str
     partner: str | None
     quantized: QuantizedWeight
     compensation: np.ndarray | None = None
+    refined: tuple[QuantizedWeight, np.ndarray | None] | None = None
 
 
 def assign_roles(layer_names: list[str], pairs: tuple[Pair, ...]) -> dict[str, tuple[str, str | None]]:

@@ -42,6 +42,10 @@ class Report:
     lambda2: float
     compensation: bool
     placement: str
+    refine: str
+    synthetic: str | None
+    samples: int | None
+    seed: int
     opset_in: int
     opset_out: int
     layers: list[LayerReport]
@@ -88,7 +92,9 @@ class Report:
     def format_summary(self) -> str:
         lines = [
             f"scheme {self.scheme} ({self.format}, {self.granularity} scales, "
-            f"compensation {'lambda1=%g lambda2=%g' % (self.lambda1, self.lambda2) if self.compensation else 'off'})",
+            f"compensation {'lambda1=%g lambda2=%g' % (self.lambda1, self.lambda2) if self.compensation else 'off'}, "
+            f"refinement {self.refine}"
+            + (f" on {self.samples} {self.synthetic} inputs, seed {self.seed})" if self.refine != "none" else ")"),
             f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, "
             f"{self.count('high')} high, {self.count('kept')} kept at high bits; {self.count('float')} left float",
             f"BatchNormalization folded: {len(self.folded_batchnorm)}"

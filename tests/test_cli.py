@@ -192,6 +192,7 @@ def test_non_constant_weight_is_left_float(tmp_path):
     result = run_cli(path, tmp_path / "out.onnx")
     assert result.returncode == 0, result.stderr
     assert "left float: stem: weight 'stem.w' is not a constant" in result.stdout
+    assert "refinement skipped: it needs one float input, the model has 2 inputs" in result.stdout
 
 
 def test_no_pair_quantizes_everything_high(tmp_path):

@@ -1,0 +1,149 @@
+"""Refinement after compensation (spec section 4): data-free, from synthetic inputs only.
+
+``match_statistics`` is BatchNorm re-estimation kept inside the folded
+weights. The float and the quantized model see the same synthetic inputs in
+onnxruntime; convs are visited in topological order, and for conv output
+channel j, with m_f, v_f the float model's mean and variance of that channel
+and m_q, v_q the quantized model's (measured after every earlier conv was
+corrected),
+
+    y <- (y - m_q) sqrt(v_f / v_q) + m_f,
+
+folded into the conv: W_j <- a_j W_j (the per-channel scale of the integer
+codes), b_j <- a_j (b_j - m_q) + m_f, a_j = sqrt(v_f / v_q). The integer
+codes never change, so every layer stays on its grid.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from .graph import from_rows
+from .plan import QuantizedLayer
+from .quantizers import QuantizedWeight
+
+RELATIVE_VARIANCE_FLOOR = 1e-8
+"""A channel whose quantized variance is below this fraction of the float one is only shifted."""
+
+State = dict[str, tuple[QuantizedWeight, np.ndarray | None]]
+
+
+def match_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], state: State, inputs: np.ndarray,
+                     opset_model: onnx.ModelProto, chunk: int = 32,
+                     log: Callable[[str], None] | None = None) -> State:
+    """Return ``state`` (codes, scale and bias per layer) with every quantized Conv's output statistics
+    matched to the float model's on ``inputs``. ``graph`` is the float, BatchNorm-folded graph."""
+    convs = [name for name, ql in qlayers.items() if ql.layer.op == "Conv"]
+    if not convs:
+        return dict(state)
+    outputs = {name: qlayers[name].layer.node.outputs[0].name for name in convs}
+    reference = _session(_with_outputs(graph, list(outputs.values())), opset_model)
+    input_name = reference.get_inputs()[0].name
+    float_stats = _channel_statistics(reference, input_name, inputs, list(outputs.values()), {}, chunk)
+
+    probe_graph, weight_inputs = _with_weight_inputs(graph, qlayers, list(outputs.values()))
+    probe = _session(probe_graph, opset_model)
+    state = dict(state)
+    for index, name in enumerate(convs):
+        feed = _weight_feed(qlayers, state, weight_inputs)
+        (m_q, v_q), = _channel_statistics(probe, input_name, inputs, [outputs[name]], feed, chunk)
+        m_f, v_f = float_stats[list(outputs).index(name)]
+        state[name] = _rescale(state[name], m_f, v_f, m_q, v_q)
+        if log and (index + 1) % 10 == 0:
+            log(f"refine: {index + 1}/{len(convs)} convs matched")
+    return state
+
+
+def channel_affine(m_f: np.ndarray, v_f: np.ndarray, m_q: np.ndarray, v_q: np.ndarray) -> np.ndarray:
+    """a_j = sqrt(v_f / v_q), and 1 where v_q is too small to divide by."""
+    floor = RELATIVE_VARIANCE_FLOOR * max(float(np.mean(v_f)), np.finfo(np.float64).tiny)
+    safe = np.where(v_q > floor, v_q, 1.0)
+    return np.where(v_q > floor, np.sqrt(np.maximum(v_f, 0.0) / safe), 1.0)
+
+
+def _rescale(entry: tuple[QuantizedWeight, np.ndarray | None], m_f, v_f, m_q, v_q):
+    q, bias = entry
+    a = channel_affine(m_f, v_f, m_q, v_q)
+    b = np.zeros_like(a) if bias is None else bias.astype(np.float64)
+    new_bias = a * (b - m_q) + m_f
+    return q.with_scale(q.scale * a), new_bias.astype(np.float32)
+
+
+def _channel_statistics(session: ort.InferenceSession, input_name: str, inputs: np.ndarray, names: list[str],
+                        feed: dict[str, np.ndarray], chunk: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (axis 1) mean and variance of each named output over all of ``inputs``."""
+    sums = [0.0] * len(names)
+    squares = [0.0] * len(names)
+    counts = [0] * len(names)
+    for start in range(0, len(inputs), chunk):
+        values = session.run(names, {input_name: inputs[start:start + chunk], **feed})
+        for i, value in enumerate(values):
+            v = value.astype(np.float64)
+            axes = (0,) + tuple(range(2, v.ndim))
+            sums[i] = sums[i] + v.sum(axis=axes)
+            squares[i] = squares[i] + np.square(v).sum(axis=axes)
+            counts[i] += v.size // v.shape[1]
+    stats = []
+    for s, sq, n in zip(sums, squares, counts):
+        mean = s / n
+        stats.append((mean, np.maximum(sq / n - mean**2, 0.0)))
+    return stats
+
+
+def _with_outputs(graph: gs.Graph, names: list[str]) -> gs.Graph:
+    copy = graph.copy()
+    tensors = copy.tensors()
+    copy.outputs = [tensors[name] for name in names]
+    return copy
+
+
+def _with_weight_inputs(graph: gs.Graph, qlayers: dict[str, QuantizedLayer],
+                        output_names: list[str]) -> tuple[gs.Graph, dict[str, tuple[str, str | None]]]:
+    """A copy of ``graph`` whose quantized layers read weight and bias from graph inputs."""
+    copy = _with_outputs(graph, output_names)
+    nodes = {node.name: node for node in copy.nodes}
+    names: dict[str, tuple[str, str | None]] = {}
+    for name, ql in qlayers.items():
+        node = nodes[name]
+        weight = gs.Variable(f"{name}::weight", dtype=np.float32, shape=list(ql.layer.weight.shape))
+        node.inputs[1] = weight
+        copy.inputs.append(weight)
+        bias_name = None
+        if node.op in ("Conv", "Gemm"):
+            bias = gs.Variable(f"{name}::bias", dtype=np.float32, shape=[ql.layer.out_channels])
+            if len(node.inputs) > 2:
+                node.inputs[2] = bias
+            else:
+                node.inputs.append(bias)
+            copy.inputs.append(bias)
+            bias_name = bias.name
+        names[name] = (weight.name, bias_name)
+    return copy, names
+
+
+def _weight_feed(qlayers: dict[str, QuantizedLayer], state: State,
+                 names: dict[str, tuple[str, str | None]]) -> dict[str, np.ndarray]:
+    feed = {}
+    for name, (weight_name, bias_name) in names.items():
+        q, bias = state[name]
+        layer = qlayers[name].layer
+        feed[weight_name] = from_rows(q.dequantize(), layer.weight.shape, layer.out_axis)
+        if bias_name is not None:
+            feed[bias_name] = np.zeros(layer.out_channels, np.float32) if bias is None else bias.astype(np.float32)
+    return feed
+
+
+def _session(graph: gs.Graph, opset_model: onnx.ModelProto) -> ort.InferenceSession:
+    graph = graph.cleanup()
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(opset_model.opset_import)
+    model.ir_version = opset_model.ir_version
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

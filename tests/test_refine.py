@@ -1,0 +1,87 @@
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+
+from conftest import chain_model, residual_model
+from dfmpc_onnx import quantize
+from dfmpc_onnx.fold import fold_batchnorm
+from dfmpc_onnx.graph import import_graph
+from dfmpc_onnx.load import load_model
+from dfmpc_onnx.refine import channel_affine
+from dfmpc_onnx.synthetic import pink_noise, synthetic_batch
+
+
+def conv_output_stats(model, inputs):
+    """Per-channel mean and variance of every Conv output, by name of the Conv node."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n.output[0]) for n in convs)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    stats = {}
+    for node, value in zip(convs, session.run(None, {"x": inputs})):
+        v = value.astype(np.float64)
+        stats[node.name] = (v.mean(axis=(0, 2, 3)), v.var(axis=(0, 2, 3)))
+    return stats
+
+
+@pytest.mark.parametrize("make", [chain_model, residual_model])
+def test_matched_model_has_the_float_statistics_on_the_synthetic_inputs(make):
+    model = make()
+    samples, seed = 16, 7
+    refined, report = quantize(model, "2/6", samples=samples, seed=seed, check=False, keep_first=False)
+    plain, _ = quantize(model, "2/6", refine="none", check=False, keep_first=False)
+    # the inputs the tool used; the tiny models have batch dim 1, so it ran them one at a time
+    inputs = synthetic_batch([1, 3, 8, 8], "pink", samples, seed)
+    want = _stats_over(_folded(model), inputs)
+    got = _stats_over(refined, inputs)
+    before = _stats_over(plain, inputs)
+    for name in got:
+        np.testing.assert_allclose(got[name][0], want[name][0], atol=1e-3 * (1 + np.abs(want[name][0]).max()))
+        np.testing.assert_allclose(got[name][1], want[name][1], rtol=1e-3, atol=1e-6)
+    assert any(not np.allclose(before[n][1], want[n][1], rtol=1e-2) for n in want)
+    assert report.refine == "stats" and report.samples == samples
+
+
+def _folded(model):
+    """The float model with BatchNorm folded, so that its Conv outputs are the matched tensors."""
+    graph = import_graph(load_model(model))
+    fold_batchnorm(graph)
+    return gs.export_onnx(graph)
+
+
+def _stats_over(model, inputs):
+    per_sample = [conv_output_stats(model, inputs[i:i + 1]) for i in range(len(inputs))]
+    stats = {}
+    for name in per_sample[0]:
+        means = np.array([s[name][0] for s in per_sample])
+        variances = np.array([s[name][1] for s in per_sample])
+        mean = means.mean(axis=0)
+        stats[name] = (mean, (variances + means**2).mean(axis=0) - mean**2)
+    return stats
+
+
+def test_channel_affine_guards_tiny_variance():
+    a = channel_affine(np.zeros(3), np.array([1.0, 4.0, 1.0]), np.zeros(3), np.array([1.0, 1.0, 0.0]))
+    np.testing.assert_allclose(a, [1.0, 2.0, 1.0])
+
+
+def test_pink_noise_spectrum_and_standardisation():
+    x = pink_noise((8, 3, 64, 64), np.random.default_rng(0), beta=2.0)
+    np.testing.assert_allclose(x.mean(axis=(2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=(2, 3)), 1, atol=1e-4)
+    power = np.abs(np.fft.fft2(x)) ** 2
+    f = np.sqrt(np.fft.fftfreq(64)[:, None] ** 2 + np.fft.fftfreq(64)[None, :] ** 2)
+    low = power[..., (f > 0.02) & (f < 0.05)].mean()
+    high = power[..., (f > 0.2) & (f < 0.5)].mean()
+    slope = np.log(high / low) / np.log(0.3 / 0.035)
+    assert -2.6 < slope < -1.4
+
+
+def test_synthetic_batch_is_seeded():
+    a = synthetic_batch([None, 3, 16, 16], "pink", 4, seed=1)
+    assert a.shape == (4, 3, 16, 16) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, synthetic_batch(["N", 3, 16, 16], "pink", 4, seed=1))
+    assert not np.array_equal(a, synthetic_batch([1, 3, 16, 16], "pink", 4, seed=2))
