@@ -1,11 +1,12 @@
 """Accuracy benchmark: float vs quantized top-1 on the shared CIFAR-10 test images.
 
-    python tools/bench_accuracy.py                      # ResNet-20 and ResNet-56, scheme 2/6
-    python tools/bench_accuracy.py --data jpeg10k --schemes 2/6 3/6
+    python tools/bench_accuracy.py --readme            # everything, and the README's table
+    python tools/bench_accuracy.py --schemes 2/6 --methods paper stats-pink --data exact846
 
-For each model it scores the float model, uncompensated rounding ("Original"
-in the paper) and DF-MPC (the paper's closed form), in the qdq and float
-formats, and writes a Markdown table (for the README) and JSON. It reads the
+For each model and scheme it scores the float model, uncompensated rounding
+("Original" in the paper), DF-MPC (the paper's closed form, qdq and float
+formats) and DF-MPC with each refinement, and writes a Markdown table (for
+the README) and JSON, with file sizes and the tool's wall time. It reads the
 models and data from ../shared and exits with a message when they are absent.
 The test images are used for scoring only.
 """
@@ -50,75 +51,81 @@ def top1(model_path: Path, images: np.ndarray, labels: np.ndarray, batch: int = 
     return 100.0 * correct / len(images)
 
 
-def methods(scheme: str) -> list[tuple[str, dict]]:
-    """(row label, quantize options) for one scheme."""
-    rows = []
-    for fmt in ("qdq", "float"):
-        rows.append((f"Original {scheme} ({fmt})", dict(scheme=scheme, format=fmt, compensate=False)))
-        rows.append((f"DF-MPC {scheme} ({fmt})", dict(scheme=scheme, format=fmt)))
-    return rows
+METHODS = {
+    "original": ("Original (rounding)", dict(compensate=False, refine="none")),
+    "paper": ("DF-MPC (paper)", dict(refine="none")),
+    "paper-float": ("DF-MPC (paper), float format", dict(refine="none", format="float")),
+    "stats-noise": ("DF-MPC + stats, white noise", dict(refine="stats", synthetic="noise")),
+    "stats-pink": ("DF-MPC + stats, pink noise (default)", dict(refine="stats", synthetic="pink")),
+}
 
 
-def run(models: list[str], schemes: list[str], data_name: str, workdir: Path) -> list[dict]:
-    images, labels = load_cifar(data_name)
+def run(models: list[str], schemes: list[str], methods: list[str], datasets: list[str], workdir: Path) -> list[dict]:
+    data = {name: load_cifar(name) for name in datasets}
     results = []
     for model in models:
         source = SHARED / "models" / f"{model}.onnx"
-        row = dict(model=model, method="Float", data=data_name, top1=top1(source, images, labels),
-                   bytes=source.stat().st_size, seconds=None)
+        row = dict(model=model, scheme="float", method="Float", bytes=source.stat().st_size, seconds=None,
+                   top1={name: top1(source, *data[name]) for name in datasets})
         print(_line(row), flush=True)
         results.append(row)
         for scheme in schemes:
-            for label, options in methods(scheme):
+            for key in methods:
+                label, options = METHODS[key]
                 out = workdir / f"{model}-{len(results)}.onnx"
                 start = time.perf_counter()
-                report = dfmpc_onnx.quantize_file(source, out, check=False, **options)
+                report = dfmpc_onnx.quantize_file(source, out, scheme=scheme, check=False, **options)
                 seconds = time.perf_counter() - start
-                row = dict(model=model, method=label, data=data_name, top1=top1(out, images, labels),
-                           bytes=out.stat().st_size, seconds=round(seconds, 2),
-                           low_layers=report.count("low"), high_layers=report.count("high"))
+                row = dict(model=model, scheme=scheme, method=label, bytes=out.stat().st_size,
+                           seconds=round(seconds, 2), low_layers=report.count("low"),
+                           high_layers=report.count("high"),
+                           top1={name: top1(out, *data[name]) for name in datasets})
                 print(_line(row), flush=True)
                 results.append(row)
     return results
 
 
-def markdown(results: list[dict]) -> str:
-    data = results[0]["data"] if results else ""
-    lines = [f"| model | method | top-1 {data} (%) | file size (bytes) | tool time (s) |",
-             "|---|---|---|---|---|"]
+def markdown(results: list[dict], datasets: list[str]) -> str:
+    head = " | ".join(f"top-1 {name} (%)" for name in datasets)
+    lines = [f"| model | scheme | method | {head} | file size (bytes) | tool time (s) |",
+             "|---|---|---|" + "---|" * len(datasets) + "---|---|"]
     for r in results:
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
-        lines.append(f"| {r['model']} | {r['method']} | {r['top1']:.2f} | {r['bytes']:,} | {seconds} |")
+        scores = " | ".join(f"{r['top1'][name]:.2f}" for name in datasets)
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['method']} | {scores} | {r['bytes']:,} | {seconds} |")
     return "\n".join(lines)
 
 
 def _line(row: dict) -> str:
-    return f"{row['model']:22s} {row['method']:28s} top-1 {row['top1']:6.2f} %  {row['bytes']:>10,} bytes"
+    scores = "  ".join(f"{name} {value:6.2f} %" for name, value in row["top1"].items())
+    return f"{row['model']:18s} {row['scheme']:5s} {row['method']:38s} {scores}  {row['bytes']:>10,} bytes"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cifar10_resnet20", "cifar10_resnet56"])
-    parser.add_argument("--schemes", nargs="+", default=["2/6"])
-    parser.add_argument("--data", choices=sorted(DATASETS), default="exact846")
+    parser.add_argument("--schemes", nargs="+", default=["2/6", "3/6", "4/8"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=["exact846", "jpeg10k"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table and JSON")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its results markers")
     args = parser.parse_args()
-    if not (SHARED / "data" / DATASETS[args.data]).exists():
-        print(f"skipped: {SHARED} with the CIFAR-10 data is not present", file=sys.stderr)
+    missing = [name for name in args.data if not (SHARED / "data" / DATASETS[name]).exists()]
+    if missing:
+        print(f"skipped: {SHARED}/data lacks {', '.join(DATASETS[name] for name in missing)}", file=sys.stderr)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
-        results = run(args.models, args.schemes, args.data, Path(workdir))
-    table = markdown(results)
-    (args.out / f"accuracy_{args.data}.md").write_text(table + "\n")
-    (args.out / f"accuracy_{args.data}.json").write_text(json.dumps(results, indent=2) + "\n")
+        results = run(args.models, args.schemes, args.methods, args.data, Path(workdir))
+    table = markdown(results, args.data)
+    (args.out / "accuracy.md").write_text(table + "\n")
+    (args.out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table)
     if args.readme:
         command = "python tools/bench_accuracy.py " + " ".join(sys.argv[1:])
-        replace_between_markers(ROOT / "README.md", f"accuracy-{args.data}",
+        replace_between_markers(ROOT / "README.md", "accuracy",
                                 f"Generated by `{command.strip()}`:\n\n{table}")
     return 0
 
