@@ -20,6 +20,7 @@ from onnx import version_converter
 
 from .check import check_with_onnxruntime, loadable_ir_version, resolve_providers
 from .compensation import solve_compensation
+from .distill import distill_inputs
 from .emit import effective_weights, emit_float, emit_qdq, storage_for
 from .errors import CheckError, InputError, first_line
 from .fold import fold_batchnorm
@@ -34,7 +35,7 @@ from .synthetic import synthetic_batch
 
 FORMATS = ("qdq", "float")
 REFINEMENTS = ("none", "stats")
-SYNTHETIC = ("noise", "pink")
+SYNTHETIC = ("noise", "pink", "distill")
 GRANULARITIES = ("tensor", "channel")
 
 
@@ -277,9 +278,12 @@ def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], work
                        synthetic: str, samples: int, seed: int,
                        say: Callable[[str], None]) -> dict[str, QuantizedLayer]:
     """Statistics matching on synthetic inputs (refine.py); the graph must still hold the float weights."""
-    shape = list(graph.inputs[0].shape)
-    inputs = synthetic_batch(shape, synthetic, samples, seed)
-    batch = shape[0] if isinstance(shape[0], (int, np.integer)) and shape[0] > 0 else 32
+    if synthetic == "distill":
+        inputs = distill_inputs(working, samples, seed, log=say)
+    else:
+        inputs = synthetic_batch(list(graph.inputs[0].shape), synthetic, samples, seed)
+    first = graph.inputs[0].shape[0]
+    batch = first if isinstance(first, (int, np.integer)) and first > 0 else 32
     reference = onnx.ModelProto()
     reference.opset_import.extend(working.opset_import)
     reference.ir_version = loadable_ir_version(working, working.ir_version)

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine", choices=("none", "stats"), default="stats",
                         help="after compensation: stats (default) matches each quantized conv's per-channel output "
                              "mean and variance to the float model's on synthetic inputs; none is the paper alone")
-    parser.add_argument("--synthetic", choices=("pink", "noise"), default="pink",
-                        help="synthetic inputs for --refine stats: 1/f^2 pink noise (default) or white noise")
+    parser.add_argument("--synthetic", choices=("pink", "noise", "distill"), default="pink",
+                        help="synthetic inputs for --refine stats: 1/f^2 pink noise (default), white noise, or "
+                             "pink noise optimised to match the model's BatchNorm statistics (needs PyTorch)")
     parser.add_argument("--samples", type=int, default=64, help="number of synthetic inputs (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (default 0)")
     parser.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=True,
