@@ -28,7 +28,7 @@ from .graph import find_layers, import_graph, to_rows
 from .load import load_model
 from .pairs import find_pairs
 from .plan import QuantizedLayer, Scheme, assign_roles
-from .quantizers import quantize_rows, sqnr_db
+from .quantizers import TERNARY_THRESHOLDS, quantize_rows, sqnr_db
 from .refine import match_statistics
 from .report import LayerReport, Report, initializer_bytes
 from .synthetic import synthetic_batch
@@ -51,6 +51,7 @@ def quantize(
     *,
     format: str = "qdq",
     granularity: str = "tensor",
+    ternary_threshold: str = "twn",
     lambda1: float = 0.5,
     lambda2: float = 0.0,
     compensate: bool = True,
@@ -59,6 +60,7 @@ def quantize(
     synthetic: str = "pink",
     samples: int = 64,
     seed: int = 0,
+    synthetic_inputs: np.ndarray | None = None,
     keep_first: bool = True,
     keep_last: bool = True,
     exclude: tuple[str, ...] | list[str] = (),
@@ -70,20 +72,24 @@ def quantize(
     """Quantize a float ONNX CNN with DF-MPC and return (quantized model, report).
 
     ``scheme`` is LOW/HIGH bits ("2/6": ternary producers, 6-bit consumers).
-    ``format`` "qdq" stores integers with DequantizeLinear (compensation on
+    ``ternary_threshold`` "twn" is Delta = 0.7 mean|W| (Eq. 4), "optimal" the
+    exact minimiser of the ternary error. ``format`` "qdq" stores integers with DequantizeLinear (compensation on
     the producer); "float" stores dequantized floats, with the compensation
     on the producer or, ``placement="consumer"``, on the consumer (Eq. 7).
     ``compensate=False`` gives uncompensated rounding ("Original" in the paper).
     ``refine="stats"`` then matches every quantized conv's per-channel output
     mean and variance to the float model's on ``samples`` synthetic inputs
     (``synthetic`` "pink" or "noise", seeded by ``seed``); ``refine="none"`` is
-    the paper's method alone.
+    the paper's method alone. ``synthetic_inputs`` (samples x input shape)
+    replaces the generated inputs, e.g. to distill once and reuse.
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
     say = log or (lambda message: None)
     scheme = scheme if isinstance(scheme, Scheme) else _parse_scheme(scheme)
     _validate_options(format, granularity, lambda1, lambda2, placement, check_batch)
     _validate_refinement(refine, synthetic, samples)
+    if ternary_threshold not in TERNARY_THRESHOLDS:
+        raise InputError(f"--ternary-threshold must be one of {', '.join(TERNARY_THRESHOLDS)}")
     if placement != "producer" and (format == "qdq" or refine != "none"):
         raise InputError("--placement consumer needs --format float and --refine none")
     if check:
@@ -128,7 +134,8 @@ def quantize(
 
     per_channel = granularity == "channel"
     rows = {name: to_rows(layer.weight, layer.out_axis) for name, layer in layers.items()}
-    quantized = {name: quantize_rows(rows[name], scheme.low if roles[name][0] == "low" else scheme.high, per_channel)
+    quantized = {name: quantize_rows(rows[name], scheme.low if roles[name][0] == "low" else scheme.high, per_channel,
+                                     ternary_threshold)
                  for name in layers}
     lap("quantize")
 
@@ -147,7 +154,12 @@ def quantize(
         if skipped:
             notes.append(f"refinement skipped: {skipped}")
         else:
-            qlayers = _refine_statistics(graph, qlayers, working, synthetic, samples, seed, say)
+            shape = list(graph.inputs[0].shape)
+            if synthetic_inputs is None:
+                synthetic_inputs = make_synthetic_inputs(working, shape, synthetic, samples, seed, say)
+            elif list(np.shape(synthetic_inputs)[1:]) != [int(d) for d in shape[1:]]:
+                raise InputError(f"synthetic_inputs of shape {np.shape(synthetic_inputs)} do not fit input {shape}")
+            qlayers = _refine_statistics(graph, qlayers, working, synthetic_inputs, say)
         lap("refine")
 
     if format == "qdq":
@@ -171,7 +183,8 @@ def quantize(
         lap("check")
 
     report = Report(
-        input=label, scheme=str(scheme), format=format, granularity=granularity, lambda1=lambda1, lambda2=lambda2,
+        input=label, scheme=str(scheme), format=format, granularity=granularity,
+        ternary_threshold=ternary_threshold, lambda1=lambda1, lambda2=lambda2,
         compensation=compensate, placement=placement, refine=refine,
         synthetic=synthetic if refine == "stats" else None, samples=samples if refine == "stats" else None,
         seed=seed, opset_in=opset_in, opset_out=_default_opset(result),
@@ -274,14 +287,18 @@ def _refinement_obstacle(graph: gs.Graph) -> str | None:
     return None
 
 
-def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], working: onnx.ModelProto,
-                       synthetic: str, samples: int, seed: int,
-                       say: Callable[[str], None]) -> dict[str, QuantizedLayer]:
-    """Statistics matching on synthetic inputs (refine.py); the graph must still hold the float weights."""
+def make_synthetic_inputs(model: onnx.ModelProto, input_shape: list, synthetic: str, samples: int, seed: int,
+                          log: Callable[[str], None] | None = None) -> np.ndarray:
+    """``samples`` seeded synthetic inputs for ``model``'s one input (of ``input_shape``):
+    "noise", "pink" or "distill" (needs PyTorch)."""
     if synthetic == "distill":
-        inputs = distill_inputs(working, samples, seed, log=say)
-    else:
-        inputs = synthetic_batch(list(graph.inputs[0].shape), synthetic, samples, seed)
+        return distill_inputs(model, samples, seed, log=log)
+    return synthetic_batch(input_shape, synthetic, samples, seed)
+
+
+def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], working: onnx.ModelProto,
+                       inputs: np.ndarray, say: Callable[[str], None]) -> dict[str, QuantizedLayer]:
+    """Statistics matching on synthetic inputs (refine.py); the graph must still hold the float weights."""
     first = graph.inputs[0].shape[0]
     batch = first if isinstance(first, (int, np.integer)) and first > 0 else 32
     reference = onnx.ModelProto()

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="qdq: integer weights + DequantizeLinear (default); float: dequantized float weights")
     parser.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
                         help="quantizer scales per tensor (the paper, default) or per output channel")
+    parser.add_argument("--ternary-threshold", choices=("twn", "optimal"), default="twn",
+                        help="twn: Delta = 0.7 mean|W| (Eq. 4, default); optimal: the exact least-squares threshold")
     parser.add_argument("--lambda1", type=float, default=0.5, help="weight of the bias term (default 0.5)")
     parser.add_argument("--lambda2", type=float, default=0.0, help="weight of the ||c||^2 term (default 0)")
     parser.add_argument("--no-compensation", dest="compensate", action="store_false",
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{args.report}: report folder does not exist")
         report = quantize_file(
             args.input, args.output, scheme=args.scheme, format=args.format, granularity=args.granularity,
+            ternary_threshold=args.ternary_threshold,
             lambda1=args.lambda1, lambda2=args.lambda2, compensate=args.compensate, placement=args.placement,
             refine=args.refine, synthetic=args.synthetic, samples=args.samples, seed=args.seed,
             keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,

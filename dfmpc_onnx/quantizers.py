@@ -55,6 +55,30 @@ def ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> QuantizedWe
     return QuantizedWeight(codes, scale, bits=2, storage_bits=2)
 
 
+def optimal_ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> QuantizedWeight:
+    """Ternary weights with the threshold that minimises ||alpha T - W||^2 exactly (spec section 4).
+
+    Sorting |W| in decreasing order, keeping the n largest gives the error
+    sum|W|^2 - (sum of kept |w|)^2 / n, so n maximises (sum of kept |w|)^2 / n;
+    alpha is the mean of the kept |w|. Per tensor or per output channel.
+    """
+    w = np.abs(rows.astype(np.float64))
+    groups = w if per_channel else w.reshape(1, -1)
+    ordered = -np.sort(-groups, axis=1)
+    kept_sums = np.cumsum(ordered, axis=1)
+    counts = np.arange(1, groups.shape[1] + 1)
+    best = np.argmax(kept_sums**2 / counts, axis=1)
+    threshold = ordered[np.arange(len(best)), best]
+    threshold = threshold[:, None] if per_channel else threshold.reshape(1, 1)
+    kept = (w >= threshold) & (w > 0)
+    count = kept.sum(axis=1 if per_channel else None, keepdims=True)
+    total = np.where(kept, w, 0.0).sum(axis=1 if per_channel else None, keepdims=True)
+    alpha = np.divide(total, count, out=np.zeros_like(total, dtype=np.float64), where=count > 0)
+    codes = (np.sign(rows) * kept).astype(np.int8)
+    scale = np.broadcast_to(alpha.reshape(-1), (rows.shape[0],)).copy()
+    return QuantizedWeight(codes, scale, bits=2, storage_bits=2)
+
+
 def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False) -> QuantizedWeight:
     """k-bit uniform weights, Eq. 6 (DoReFa-Net):
 
@@ -77,10 +101,13 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False) -> Q
     return QuantizedWeight(codes.astype(_int_type(bits + 1)), scale, bits=bits, storage_bits=bits + 1)
 
 
-def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool) -> QuantizedWeight:
-    """Ternary for 2 bits (Eqs. 3-4), DoReFa for 3 bits and more (Eq. 6)."""
+TERNARY_THRESHOLDS = ("twn", "optimal")
+
+
+def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary: str = "twn") -> QuantizedWeight:
+    """Ternary for 2 bits (Eqs. 3-4, or the optimal threshold), DoReFa for 3 bits and more (Eq. 6)."""
     if bits == 2:
-        return ternary_quantize(rows, per_channel)
+        return optimal_ternary_quantize(rows, per_channel) if ternary == "optimal" else ternary_quantize(rows, per_channel)
     return dorefa_quantize(rows, bits, per_channel)
 
 

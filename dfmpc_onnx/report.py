@@ -38,6 +38,7 @@ class Report:
     scheme: str
     format: str
     granularity: str
+    ternary_threshold: str
     lambda1: float
     lambda2: float
     compensation: bool
@@ -91,7 +92,7 @@ class Report:
 
     def format_summary(self) -> str:
         lines = [
-            f"scheme {self.scheme} ({self.format}, {self.granularity} scales, "
+            f"scheme {self.scheme} ({self.format}, {self.granularity} scales, {self.ternary_threshold} ternary threshold, "
             f"compensation {'lambda1=%g lambda2=%g' % (self.lambda1, self.lambda2) if self.compensation else 'off'}, "
             f"refinement {self.refine}"
             + (f" on {self.samples} {self.synthetic} inputs, seed {self.seed})" if self.refine != "none" else ")"),

@@ -89,3 +89,19 @@ def test_sqnr():
     w = np.ones(4)
     assert sqnr_db(w, w) == float("inf")
     assert sqnr_db(w, w * 0.9) == pytest.approx(20.0)
+
+
+@given(weights, st.booleans())
+@settings(max_examples=60)
+def test_optimal_ternary_is_no_worse_than_twn_and_beats_every_threshold(w, per_channel):
+    from dfmpc_onnx.quantizers import optimal_ternary_quantize
+    best = optimal_ternary_quantize(w, per_channel)
+    assert set(np.unique(best.codes)) <= {-1, 0, 1}
+    error = lambda q: np.sum((q.dequantize().astype(np.float64) - w) ** 2, axis=1 if per_channel else None)
+    assert np.all(error(best) <= error(ternary_quantize(w, per_channel)) + 1e-6 * (1 + np.sum(w.astype(np.float64) ** 2)))
+    # brute force over every threshold of one group
+    group = np.abs(w[0] if per_channel else w.ravel()).astype(np.float64)
+    brute = min(np.sum(group**2) - (np.sum(group[group >= t]) ** 2 / np.sum(group >= t)) for t in group if t > 0) \
+        if np.any(group > 0) else 0.0
+    got = error(best)[0] if per_channel else error(best)
+    assert got <= brute + 1e-6 * (1 + np.sum(group**2))

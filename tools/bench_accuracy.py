@@ -57,7 +57,21 @@ METHODS = {
     "paper-float": ("DF-MPC (paper), float format", dict(refine="none", format="float")),
     "stats-noise": ("DF-MPC + stats, white noise", dict(refine="stats", synthetic="noise")),
     "stats-pink": ("DF-MPC + stats, pink noise (default)", dict(refine="stats", synthetic="pink")),
+    "stats-distill": ("DF-MPC + stats, distilled", dict(refine="stats", synthetic="distill")),
+    "optimal-pink": ("DF-MPC, optimal ternary + stats, pink noise", dict(ternary_threshold="optimal", synthetic="pink")),
+    "optimal-distill": ("DF-MPC, optimal ternary + stats, distilled", dict(ternary_threshold="optimal", synthetic="distill")),
 }
+TERNARY_ONLY = ("optimal-pink", "optimal-distill")
+
+
+def distilled_inputs(source: Path, samples: int = 64, seed: int = 0) -> tuple[np.ndarray, float]:
+    """The tool's default distillation, run once per model and reused for every scheme; and its seconds."""
+    from dfmpc_onnx.api import make_synthetic_inputs
+    from dfmpc_onnx.load import load_model
+    start = time.perf_counter()
+    model = load_model(source)
+    inputs = make_synthetic_inputs(model, [], "distill", samples, seed)
+    return inputs, time.perf_counter() - start
 
 
 def run(models: list[str], schemes: list[str], methods: list[str], datasets: list[str], workdir: Path) -> list[dict]:
@@ -69,13 +83,22 @@ def run(models: list[str], schemes: list[str], methods: list[str], datasets: lis
                    top1={name: top1(source, *data[name]) for name in datasets})
         print(_line(row), flush=True)
         results.append(row)
+        distilled, distill_seconds = None, 0.0
+        if any(METHODS[key][1].get("synthetic") == "distill" for key in methods):
+            distilled, distill_seconds = distilled_inputs(source)
+            print(f"{model}: distilled inputs in {distill_seconds:.1f} s (counted in each distilled row's time)")
         for scheme in schemes:
             for key in methods:
                 label, options = METHODS[key]
+                if key in TERNARY_ONLY and not scheme.startswith("2/"):
+                    continue
+                extra, seconds = {}, 0.0
+                if options.get("synthetic") == "distill":
+                    extra, seconds = {"synthetic_inputs": distilled}, distill_seconds
                 out = workdir / f"{model}-{len(results)}.onnx"
                 start = time.perf_counter()
-                report = dfmpc_onnx.quantize_file(source, out, scheme=scheme, check=False, **options)
-                seconds = time.perf_counter() - start
+                report = dfmpc_onnx.quantize_file(source, out, scheme=scheme, check=False, **options, **extra)
+                seconds += time.perf_counter() - start
                 row = dict(model=model, scheme=scheme, method=label, bytes=out.stat().st_size,
                            seconds=round(seconds, 2), low_layers=report.count("low"),
                            high_layers=report.count("high"),
