@@ -34,7 +34,7 @@ def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int =
         import torch
     except ImportError:
         raise InputError("--synthetic distill needs PyTorch: pip install 'dfmpc-onnx[distill]'") from None
-    graph = fold_constant_subgraphs(gs.import_onnx(model))
+    graph = fold_constant_subgraphs(gs.import_onnx(with_batch_size(model, samples)))
     if not [n for n in graph.nodes if n.op == "BatchNormalization"]:
         raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
                          "this model has none (use --synthetic pink)")
@@ -55,9 +55,29 @@ def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int =
     return x.detach().numpy().astype(np.float32)
 
 
+def with_batch_size(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose first input has batch dim ``batch``, with shapes inferred again."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.value_info[:]
+    dims = copy.graph.input[0].type.tensor_type.shape.dim
+    if dims:
+        dims[0].Clear()
+        dims[0].dim_value = batch
+    return onnx.shape_inference.infer_shapes(copy, data_prop=True)
+
+
 def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
-    """Replace every tensor computed from constants alone by its value (evaluated in onnxruntime)."""
+    """Replace every tensor computed from constants alone, or from static shapes, by its value
+    (evaluated in onnxruntime)."""
     graph.toposort()
+    for node in graph.nodes:
+        if node.op == "Shape" and _static(node.inputs[0].shape):
+            shape = node.inputs[0].shape
+            start, end = node.attrs.get("start", 0), node.attrs.get("end", len(shape))
+            node.outputs[0].to_constant(np.array(shape[start:end], dtype=np.int64))
+            node.outputs.clear()
+    graph.cleanup().toposort()
     constant_names: set[str] = set()
     foldable: list[gs.Node] = []
     for node in graph.nodes:
@@ -207,6 +227,10 @@ class TorchGraph:
                 index[axis] = slice(max(min(start, size), -size), max(min(end, size), -size - 1), step)
             return data[tuple(index)]
         raise InputError(f"--synthetic distill does not support the op {op} ({node.name}); use --synthetic pink")
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
 
 
 def _torch_pad_order(pads: list[int]) -> list[int]:
