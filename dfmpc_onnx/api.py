@@ -29,12 +29,12 @@ from .load import load_model
 from .pairs import find_pairs
 from .plan import QuantizedLayer, Scheme, assign_roles
 from .quantizers import TERNARY_THRESHOLDS, quantize_rows, sqnr_db
-from .refine import match_statistics
+from .refine import correct_bias, expected_input, match_statistics
 from .report import LayerReport, Report, initializer_bytes
 from .synthetic import synthetic_batch
 
 FORMATS = ("qdq", "float")
-REFINEMENTS = ("none", "stats")
+REFINEMENTS = ("none", "bias", "stats")
 SYNTHETIC = ("noise", "pink", "distill")
 GRANULARITIES = ("tensor", "channel")
 
@@ -149,6 +149,9 @@ def quantize(
                for name, layer in layers.items()}
     lap("solve")
 
+    if refine == "bias":
+        qlayers = _correct_biases(qlayers, folding.preactivation)
+        lap("refine")
     if refine == "stats" and qlayers:
         skipped = _refinement_obstacle(graph)
         if skipped:
@@ -307,6 +310,20 @@ def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], work
     state = {name: effective_weights(ql) for name, ql in qlayers.items()}
     state = match_statistics(graph, qlayers, state, inputs, reference, chunk=int(batch), log=say)
     return {name: dataclasses.replace(ql, refined=state[name]) for name, ql in qlayers.items()}
+
+
+def _correct_biases(qlayers: dict[str, QuantizedLayer],
+                    preactivation: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, QuantizedLayer]:
+    """BatchNorm-statistics bias correction of every layer whose input mean the statistics give."""
+    corrected = {}
+    for name, ql in qlayers.items():
+        entry = effective_weights(ql)
+        mean = expected_input(ql.layer.node, preactivation)
+        in_channels = ql.layer.weight.shape[1] * int(ql.layer.node.attrs.get("group", 1)) if ql.layer.op == "Conv" else None
+        if mean is not None and (in_channels is None or mean.size == in_channels):
+            entry = correct_bias(ql, entry, mean)
+        corrected[name] = dataclasses.replace(ql, refined=entry)
+    return corrected
 
 
 def _fixed_layers(names: list[str], keep_first: bool, keep_last: bool) -> dict[str, str]:

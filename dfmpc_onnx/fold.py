@@ -16,6 +16,9 @@ class FoldResult:
     """Names of the BatchNormalization nodes folded away."""
     kept: tuple[tuple[str, str], ...]
     """(BatchNormalization name, reason) for each one left in the graph."""
+    preactivation: dict[str, tuple[np.ndarray, np.ndarray]]
+    """Conv name -> (beta, |gamma|): on the data the BN saw, the folded conv's output channel j
+    is distributed about N(beta_j, gamma_j^2)."""
 
 
 def fold_batchnorm_params(
@@ -49,17 +52,21 @@ def fold_batchnorm(graph: gs.Graph) -> FoldResult:
     """
     folded: list[str] = []
     kept: list[tuple[str, str]] = []
+    preactivation: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-        reason = _fold_one(graph, bn)
-        if reason is None:
-            folded.append(bn.name)
+        outcome = _fold_one(graph, bn)
+        if isinstance(outcome, str):
+            kept.append((bn.name, outcome))
         else:
-            kept.append((bn.name, reason))
+            folded.append(bn.name)
+            conv_name, beta, gamma = outcome
+            preactivation[conv_name] = (beta, np.abs(gamma))
     graph.cleanup()
-    return FoldResult(folded=tuple(folded), kept=tuple(kept))
+    return FoldResult(folded=tuple(folded), kept=tuple(kept), preactivation=preactivation)
 
 
-def _fold_one(graph: gs.Graph, bn: gs.Node) -> str | None:
+def _fold_one(graph: gs.Graph, bn: gs.Node) -> str | tuple[str, np.ndarray, np.ndarray]:
+    """Fold one BatchNormalization: (conv name, beta, gamma), or the reason it stays."""
     source = bn.inputs[0]
     if len(source.inputs) != 1 or source.inputs[0].op != "Conv":
         return "not directly after a Conv"
@@ -89,4 +96,4 @@ def _fold_one(graph: gs.Graph, bn: gs.Node) -> str | None:
     bn.outputs.clear()
     replace_list(conv.inputs, [conv.inputs[0], weight_const, bias_const])
     replace_list(conv.outputs, [output])
-    return None
+    return conv.name, beta, gamma

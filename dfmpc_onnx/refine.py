@@ -16,6 +16,7 @@ codes never change, so every layer stays on its grid.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -147,3 +148,55 @@ def _session(graph: gs.Graph, opset_model: onnx.ModelProto) -> ort.InferenceSess
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def relu_mean(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """E[max(0, x)] for x ~ N(mean, std^2): mean Phi(mean/std) + std phi(mean/std) (std = 0: max(0, mean))."""
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    safe = np.where(std > 0, std, 1.0)
+    z = mean / safe
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * z**2) / math.sqrt(2.0 * math.pi)
+    return np.where(std > 0, mean * cdf + std * pdf, np.maximum(mean, 0.0))
+
+
+def expected_input(layer_node: gs.Node, preactivation: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+    """E[input channel m] of a layer from BatchNorm statistics (Nagel et al. 2019, sec. 4.2), or None.
+
+    Known when the input is a folded conv's output, possibly through Relu and
+    then channel-wise averaging ops (pools, Flatten of a pooled map).
+    """
+    tensor, relu = layer_node.inputs[0], False
+    while len(tensor.inputs) == 1:
+        node = tensor.inputs[0]
+        if node.name in preactivation:
+            beta, gamma = preactivation[node.name]
+            return relu_mean(beta, gamma) if relu else beta.astype(np.float64)
+        if node.op == "Relu" and not relu:
+            relu = True
+        elif node.op not in ("GlobalAveragePool", "AveragePool", "Flatten", "Identity", "Dropout"):
+            return None
+        tensor = node.inputs[0]
+    return None
+
+
+def correct_bias(qlayer: QuantizedLayer, entry: tuple[QuantizedWeight, np.ndarray | None],
+                 input_mean: np.ndarray) -> tuple[QuantizedWeight, np.ndarray]:
+    """b_j <- b_j - sum_m (sum over the kernel of (What - W)[j, m]) E[A_m]: the expected output error removed."""
+    q, bias = entry
+    layer = qlayer.layer
+    error = from_rows(q.dequantize().astype(np.float64), layer.weight.shape, layer.out_axis) - layer.weight
+    if layer.op == "Conv":
+        group = int(layer.node.attrs.get("group", 1))
+        per_channel = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)  # (out, in per group)
+        per_group_out = error.shape[0] // group
+        means = input_mean.reshape(group, -1)
+        shift = np.concatenate([per_channel[g * per_group_out:(g + 1) * per_group_out] @ means[g] for g in range(group)])
+    else:
+        matrix = error if layer.out_axis == 0 else error.T  # (out, in)
+        block = matrix.shape[1] // input_mean.size
+        shift = matrix @ np.repeat(input_mean, block) if block * input_mean.size == matrix.shape[1] else None
+        if shift is None:
+            return entry
+    base = np.zeros(layer.out_channels) if bias is None else bias.astype(np.float64)
+    return q, (base - shift).astype(np.float32)

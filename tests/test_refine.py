@@ -85,3 +85,30 @@ def test_synthetic_batch_is_seeded():
     assert a.shape == (4, 3, 16, 16) and a.dtype == np.float32
     np.testing.assert_array_equal(a, synthetic_batch(["N", 3, 16, 16], "pink", 4, seed=1))
     assert not np.array_equal(a, synthetic_batch([1, 3, 16, 16], "pink", 4, seed=2))
+
+
+def test_relu_mean_matches_monte_carlo():
+    from dfmpc_onnx.refine import relu_mean
+    rng = np.random.default_rng(0)
+    mean, std = np.array([-1.0, 0.0, 0.7, 2.0, 0.5]), np.array([0.5, 1.0, 2.0, 0.1, 0.0])
+    samples = np.maximum(rng.normal(mean, std, size=(400_000, 5)), 0).mean(axis=0)
+    np.testing.assert_allclose(relu_mean(mean, std), samples, atol=6e-3)
+
+
+def test_bias_correction_removes_the_expected_output_error():
+    from dfmpc_onnx.refine import correct_bias
+    from dfmpc_onnx.graph import find_layers, to_rows
+    from dfmpc_onnx.plan import QuantizedLayer
+    from dfmpc_onnx.quantizers import ternary_quantize
+    graph = import_graph(load_model(chain_model(n_convs=1)))
+    layers, _ = find_layers(graph)
+    layer = layers["conv0"]
+    q = ternary_quantize(to_rows(layer.weight, 0))
+    ql = QuantizedLayer(layer, "low", None, q)
+    input_mean = np.linspace(0.1, 1.0, layer.weight.shape[1])
+    _, bias = correct_bias(ql, (q, layer.bias), input_mean)
+    # a constant input equal to the mean, away from the padded border, gives the float output exactly
+    kernel_sum = lambda w: w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ input_mean
+    w_hat = q.dequantize().reshape(layer.weight.shape)
+    float_out = kernel_sum(layer.weight) + (0 if layer.bias is None else layer.bias)
+    np.testing.assert_allclose(kernel_sum(w_hat) + bias, float_out, rtol=1e-5, atol=1e-5)
