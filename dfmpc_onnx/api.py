@@ -34,7 +34,7 @@ from .report import LayerReport, Report, initializer_bytes
 from .synthetic import synthetic_batch
 
 FORMATS = ("qdq", "float")
-REFINEMENTS = ("none", "bias", "stats")
+REFINEMENTS = ("none", "bias", "stats", "refit")
 SYNTHETIC = ("noise", "pink", "distill")
 GRANULARITIES = ("tensor", "channel")
 
@@ -79,8 +79,11 @@ def quantize(
     ``compensate=False`` gives uncompensated rounding ("Original" in the paper).
     ``refine="stats"`` then matches every quantized conv's per-channel output
     mean and variance to the float model's on ``samples`` synthetic inputs
-    (``synthetic`` "pink" or "noise", seeded by ``seed``); ``refine="none"`` is
-    the paper's method alone. ``synthetic_inputs`` (samples x input shape)
+    (``synthetic`` "pink", "noise" or "distill", seeded by ``seed``);
+    ``refine="refit"`` first re-solves each pair consumer by ridge least
+    squares on those inputs (worth it on distilled inputs only);
+    ``refine="bias"`` is BatchNorm-statistics bias correction;
+    ``refine="none"`` is the paper's method alone. ``synthetic_inputs`` (samples x input shape)
     replaces the generated inputs, e.g. to distill once and reuse.
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
@@ -152,7 +155,7 @@ def quantize(
     if refine == "bias":
         qlayers = _correct_biases(qlayers, folding.preactivation)
         lap("refine")
-    if refine == "stats" and qlayers:
+    if refine in ("stats", "refit") and qlayers:
         skipped = _refinement_obstacle(graph)
         if skipped:
             notes.append(f"refinement skipped: {skipped}")
@@ -162,7 +165,10 @@ def quantize(
                 synthetic_inputs = make_synthetic_inputs(working, shape, synthetic, samples, seed, say)
             elif list(np.shape(synthetic_inputs)[1:]) != [int(d) for d in shape[1:]]:
                 raise InputError(f"synthetic_inputs of shape {np.shape(synthetic_inputs)} do not fit input {shape}")
-            qlayers = _refine_statistics(graph, qlayers, working, synthetic_inputs, say)
+            refit = None
+            if refine == "refit":
+                refit = lambda name, weight_rows: quantize_rows(weight_rows, scheme.high, per_channel)
+            qlayers = _refine_statistics(graph, qlayers, working, synthetic_inputs, say, refit)
         lap("refine")
 
     if format == "qdq":
@@ -189,7 +195,8 @@ def quantize(
         input=label, scheme=str(scheme), format=format, granularity=granularity,
         ternary_threshold=ternary_threshold, lambda1=lambda1, lambda2=lambda2,
         compensation=compensate, placement=placement, refine=refine,
-        synthetic=synthetic if refine == "stats" else None, samples=samples if refine == "stats" else None,
+        synthetic=synthetic if refine in ("stats", "refit") else None,
+        samples=samples if refine in ("stats", "refit") else None,
         seed=seed, opset_in=opset_in, opset_out=_default_opset(result),
         layers=_layer_reports(graph, qlayers, left_float),
         pairs=list(search.pairs), refusals=list(search.refusals),
@@ -300,7 +307,8 @@ def make_synthetic_inputs(model: onnx.ModelProto, input_shape: list, synthetic: 
 
 
 def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], working: onnx.ModelProto,
-                       inputs: np.ndarray, say: Callable[[str], None]) -> dict[str, QuantizedLayer]:
+                       inputs: np.ndarray, say: Callable[[str], None],
+                       refit: Callable[[str, np.ndarray], object] | None = None) -> dict[str, QuantizedLayer]:
     """Statistics matching on synthetic inputs (refine.py); the graph must still hold the float weights."""
     first = graph.inputs[0].shape[0]
     batch = first if isinstance(first, (int, np.integer)) and first > 0 else 32
@@ -308,7 +316,7 @@ def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], work
     reference.opset_import.extend(working.opset_import)
     reference.ir_version = loadable_ir_version(working, working.ir_version)
     state = {name: effective_weights(ql) for name, ql in qlayers.items()}
-    state = match_statistics(graph, qlayers, state, inputs, reference, chunk=int(batch), log=say)
+    state = match_statistics(graph, qlayers, state, inputs, reference, chunk=int(batch), log=say, refit=refit)
     return {name: dataclasses.replace(ql, refined=state[name]) for name, ql in qlayers.items()}
 
 

@@ -39,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plain rounding, c = 1 ('Original' in the paper)")
     parser.add_argument("--placement", choices=("producer", "consumer"), default="producer",
                         help="where c is applied; consumer (Eq. 7 literally) needs --format float")
-    parser.add_argument("--refine", choices=("none", "bias", "stats"), default="stats",
+    parser.add_argument("--refine", choices=("none", "bias", "stats", "refit"), default="stats",
                         help="after compensation: stats (default) matches each quantized conv's per-channel output "
-                             "mean and variance to the float model's on synthetic inputs; bias subtracts the "
-                             "expected output error from BatchNorm statistics; none is the paper alone")
+                             "mean and variance to the float model's on synthetic inputs; refit also re-solves each "
+                             "pair consumer by least squares on them (use with --synthetic distill); bias subtracts "
+                             "the expected output error from BatchNorm statistics; none is the paper alone")
     parser.add_argument("--synthetic", choices=("pink", "noise", "distill"), default="pink",
                         help="synthetic inputs for --refine stats: 1/f^2 pink noise (default), white noise, or "
                              "pink noise optimised to match the model's BatchNorm statistics (needs PyTorch)")

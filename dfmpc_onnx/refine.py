@@ -36,9 +36,15 @@ State = dict[str, tuple[QuantizedWeight, np.ndarray | None]]
 
 def match_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], state: State, inputs: np.ndarray,
                      opset_model: onnx.ModelProto, chunk: int = 32,
-                     log: Callable[[str], None] | None = None) -> State:
+                     log: Callable[[str], None] | None = None,
+                     refit: Callable[[str, np.ndarray], QuantizedWeight] | None = None,
+                     refit_roles: tuple[str, ...] = ("high",)) -> State:
     """Return ``state`` (codes, scale and bias per layer) with every quantized Conv's output statistics
-    matched to the float model's on ``inputs``. ``graph`` is the float, BatchNorm-folded graph."""
+    matched to the float model's on ``inputs``. ``graph`` is the float, BatchNorm-folded graph.
+
+    With ``refit`` (name, weight rows -> requantized weight), the convs of ``refit_roles`` (pair
+    consumers) are first re-solved by ridge least squares so that, on the quantized model's own
+    inputs, they reproduce the float model's outputs: a full-matrix generalisation of c (Eq. 7)."""
     convs = [name for name, ql in qlayers.items() if ql.layer.op == "Conv"]
     if not convs:
         return dict(state)
@@ -47,17 +53,73 @@ def match_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], state:
     input_name = reference.get_inputs()[0].name
     float_stats = _channel_statistics(reference, input_name, inputs, list(outputs.values()), {}, chunk)
 
-    probe_graph, weight_inputs = _with_weight_inputs(graph, qlayers, list(outputs.values()))
+    graph_inputs = {t.name for t in graph.inputs}
+    conv_inputs = {name: qlayers[name].layer.node.inputs[0].name for name in convs}
+    fittable = [name for name in convs if refit is not None and qlayers[name].role in refit_roles
+                and conv_inputs[name] not in graph_inputs and _plain_conv(qlayers[name].layer.node)]
+    probe_graph, weight_inputs = _with_weight_inputs(
+        graph, qlayers, list(outputs.values()) + sorted({conv_inputs[n] for n in fittable}))
     probe = _session(probe_graph, opset_model)
     state = dict(state)
     for index, name in enumerate(convs):
         feed = _weight_feed(qlayers, state, weight_inputs)
+        if name in fittable:
+            state[name] = _refit_conv(qlayers[name], state[name], probe, reference, input_name, inputs,
+                                      conv_inputs[name], outputs[name], feed, chunk, refit)
+            feed = _weight_feed(qlayers, state, weight_inputs)
         (m_q, v_q), = _channel_statistics(probe, input_name, inputs, [outputs[name]], feed, chunk)
         m_f, v_f = float_stats[list(outputs).index(name)]
         state[name] = _rescale(state[name], m_f, v_f, m_q, v_q)
         if log and (index + 1) % 10 == 0:
             log(f"refine: {index + 1}/{len(convs)} convs matched")
     return state
+
+
+RIDGE = 1e-3
+"""Ridge weight, relative to the mean diagonal of the Gram matrix."""
+
+
+def _plain_conv(node: gs.Node) -> bool:
+    return (int(node.attrs.get("group", 1)) == 1 and len(node.attrs.get("kernel_shape", [1, 1])) == 2
+            and all(d == 1 for d in node.attrs.get("dilations", [1, 1]))
+            and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: list[int]) -> np.ndarray:
+    """(N, C, H, W) -> (N * Ho * Wo, C * kh * kw): the rows a 2-D convolution multiplies by its weight."""
+    kh, kw = kernel
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))
+    windows = windows[:, :, ::strides[0], ::strides[1]]
+    n, c, ho, wo = windows.shape[:4]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+
+
+def _refit_conv(ql: QuantizedLayer, entry, probe, reference, input_name, inputs, conv_input, conv_output, feed,
+                chunk, refit):
+    """Ridge least squares for a conv's weight and bias on (quantized inputs, float outputs), requantized."""
+    node, layer = ql.layer.node, ql.layer
+    kernel = tuple(layer.weight.shape[2:])
+    strides = tuple(node.attrs.get("strides", [1, 1]))
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    size = int(np.prod(layer.weight.shape[1:])) + 1
+    gram = np.zeros((size, size))
+    cross = np.zeros((size, layer.out_channels))
+    for start in range(0, len(inputs), chunk):
+        batch = inputs[start:start + chunk]
+        (quantized_in,) = probe.run([conv_input], {input_name: batch, **feed})
+        (float_out,) = reference.run([conv_output], {input_name: batch})
+        rows = im2col(quantized_in.astype(np.float64), kernel, strides, pads)
+        rows = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
+        target = float_out.astype(np.float64).transpose(0, 2, 3, 1).reshape(-1, layer.out_channels)
+        gram += rows.T @ rows
+        cross += rows.T @ target
+    prior = np.concatenate([layer.weight.reshape(layer.out_channels, -1).astype(np.float64),
+                            (np.zeros(layer.out_channels) if layer.bias is None else layer.bias)[:, None]], axis=1)
+    ridge = RIDGE * np.trace(gram) / size
+    solution = np.linalg.solve(gram + ridge * np.eye(size), cross + ridge * prior.T).T
+    weight_rows, bias = solution[:, :-1], solution[:, -1]
+    return refit(layer.name, weight_rows.astype(np.float32)), bias.astype(np.float32)
 
 
 def channel_affine(m_f: np.ndarray, v_f: np.ndarray, m_q: np.ndarray, v_q: np.ndarray) -> np.ndarray:

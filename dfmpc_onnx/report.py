@@ -95,7 +95,7 @@ class Report:
             f"scheme {self.scheme} ({self.format}, {self.granularity} scales, {self.ternary_threshold} ternary threshold, "
             f"compensation {'lambda1=%g lambda2=%g' % (self.lambda1, self.lambda2) if self.compensation else 'off'}, "
             f"refinement {self.refine}"
-            + (f" on {self.samples} {self.synthetic} inputs, seed {self.seed})" if self.refine != "none" else ")"),
+            + (f" on {self.samples} {self.synthetic} inputs, seed {self.seed})" if self.samples else ")"),
             f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, "
             f"{self.count('high')} high, {self.count('kept')} kept at high bits; {self.count('float')} left float",
             f"BatchNormalization folded: {len(self.folded_batchnorm)}"

@@ -112,3 +112,41 @@ def test_bias_correction_removes_the_expected_output_error():
     w_hat = q.dequantize().reshape(layer.weight.shape)
     float_out = kernel_sum(layer.weight) + (0 if layer.bias is None else layer.bias)
     np.testing.assert_allclose(kernel_sum(w_hat) + bias, float_out, rtol=1e-5, atol=1e-5)
+
+
+def test_im2col_matches_convolution():
+    from dfmpc_onnx.refine import im2col
+    from conftest import GraphBuilder, run_model
+    rng = np.random.default_rng(5)
+    g = GraphBuilder(input_shape=(2, 3, 7, 7))
+    weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    out = g.node("Conv", ["x", g.const("w", weight)], pads=[1, 0, 2, 1], strides=[2, 1])
+    x = rng.normal(size=(2, 3, 7, 7)).astype(np.float32)
+    expected = run_model(g.model(out), x)
+    rows = im2col(x, (3, 3), (2, 1), [1, 0, 2, 1])
+    got = (rows @ weight.reshape(4, -1).T).reshape(2, expected.shape[2], expected.shape[3], 4).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def conv_outputs(model, inputs):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n.output[0]) for n in convs)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    per_sample = [session.run(None, {"x": inputs[i:i + 1]}) for i in range(len(inputs))]
+    return {n.name: np.concatenate([s[k] for s in per_sample]) for k, n in enumerate(convs)}
+
+
+def test_refit_brings_consumers_closer_to_the_float_outputs():
+    model = chain_model(n_convs=4, channels=8, seed=2)
+    inputs = synthetic_batch([1, 3, 8, 8], "pink", 32, seed=0)
+    options = dict(check=False, keep_first=False, synthetic_inputs=inputs)
+    stats, report = quantize(model, "2/6", refine="stats", **options)
+    refit, _ = quantize(model, "2/6", refine="refit", **options)
+    reference = conv_outputs(_folded(model), inputs)
+    consumers = [layer.name for layer in report.layers if layer.role == "high"]
+    assert consumers
+    for name in consumers:
+        error = lambda m: np.mean((conv_outputs(m, inputs)[name] - reference[name]) ** 2)
+        assert error(refit) < error(stats)
