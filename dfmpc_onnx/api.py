@@ -7,6 +7,7 @@ load -> fold BatchNorm -> find pairs -> quantize -> solve compensation -> emit -
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tempfile
 import time
@@ -34,8 +35,8 @@ from .report import LayerReport, Report, initializer_bytes
 from .synthetic import synthetic_batch
 
 FORMATS = ("qdq", "float")
-REFINEMENTS = ("none", "bias", "stats", "refit")
-SYNTHETIC = ("noise", "pink", "distill")
+REFINEMENTS = ("auto", "none", "bias", "stats", "refit")
+SYNTHETIC = ("auto", "noise", "pink", "distill")
 GRANULARITIES = ("tensor", "channel")
 
 
@@ -56,8 +57,8 @@ def quantize(
     lambda2: float = 0.0,
     compensate: bool = True,
     placement: str = "producer",
-    refine: str = "stats",
-    synthetic: str = "pink",
+    refine: str = "auto",
+    synthetic: str = "auto",
     samples: int = 64,
     seed: int = 0,
     synthetic_inputs: np.ndarray | None = None,
@@ -83,7 +84,11 @@ def quantize(
     ``refine="refit"`` first re-solves each pair consumer by ridge least
     squares on those inputs (worth it on distilled inputs only);
     ``refine="bias"`` is BatchNorm-statistics bias correction;
-    ``refine="none"`` is the paper's method alone. ``synthetic_inputs`` (samples x input shape)
+    ``refine="none"`` is the paper's method alone. The defaults, "auto", are
+    the best this installation can do: "refit" on "distill"ed inputs when
+    PyTorch is installed and the model keeps BatchNormalization statistics,
+    else "stats" on "pink" noise; the report says which ran.
+    ``log`` receives progress lines of the long stages. ``synthetic_inputs`` (samples x input shape)
     replaces the generated inputs, e.g. to distill once and reuse.
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
@@ -105,9 +110,10 @@ def quantize(
         now = time.perf_counter()
         timings[stage] = round(now - clock, 4)
         clock = now
-        say(f"{stage}: {timings[stage]:.2f} s")
 
     source = load_model(model)
+    synthetic = resolve_synthetic(synthetic, source)
+    refine = resolve_refine(refine, synthetic)
     label = str(model) if not isinstance(model, onnx.ModelProto) else (source.graph.name or "model")
     opset_in = _default_opset(source)
     notes: list[str] = []
@@ -318,6 +324,21 @@ def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], work
     state = {name: effective_weights(ql) for name, ql in qlayers.items()}
     state = match_statistics(graph, qlayers, state, inputs, reference, chunk=int(batch), log=say, refit=refit)
     return {name: dataclasses.replace(ql, refined=state[name]) for name, ql in qlayers.items()}
+
+
+def resolve_synthetic(synthetic: str, model: onnx.ModelProto) -> str:
+    """"auto": "distill" when PyTorch imports and the model has BatchNormalization nodes, else "pink"."""
+    if synthetic != "auto":
+        return synthetic
+    has_statistics = any(node.op_type == "BatchNormalization" for node in model.graph.node)
+    return "distill" if has_statistics and importlib.util.find_spec("torch") is not None else "pink"
+
+
+def resolve_refine(refine: str, synthetic: str) -> str:
+    """"auto": "refit" on distilled inputs, "stats" on noise (least squares on noise hurts)."""
+    if refine != "auto":
+        return refine
+    return "refit" if synthetic == "distill" else "stats"
 
 
 def _correct_biases(qlayers: dict[str, QuantizedLayer],

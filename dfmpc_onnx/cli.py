@@ -39,14 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plain rounding, c = 1 ('Original' in the paper)")
     parser.add_argument("--placement", choices=("producer", "consumer"), default="producer",
                         help="where c is applied; consumer (Eq. 7 literally) needs --format float")
-    parser.add_argument("--refine", choices=("none", "bias", "stats", "refit"), default="stats",
-                        help="after compensation: stats (default) matches each quantized conv's per-channel output "
-                             "mean and variance to the float model's on synthetic inputs; refit also re-solves each "
-                             "pair consumer by least squares on them (use with --synthetic distill); bias subtracts "
-                             "the expected output error from BatchNorm statistics; none is the paper alone")
-    parser.add_argument("--synthetic", choices=("pink", "noise", "distill"), default="pink",
-                        help="synthetic inputs for --refine stats: 1/f^2 pink noise (default), white noise, or "
-                             "pink noise optimised to match the model's BatchNorm statistics (needs PyTorch)")
+    parser.add_argument("--refine", choices=("auto", "none", "bias", "stats", "refit"), default="auto",
+                        help="after compensation: stats matches each quantized conv's per-channel output mean and "
+                             "variance to the float model's on synthetic inputs; refit first re-solves each pair "
+                             "consumer by least squares on them (use with distilled inputs); bias subtracts the "
+                             "expected output error from BatchNorm statistics; none is the paper alone. "
+                             "auto (default): refit with distilled inputs, stats with noise")
+    parser.add_argument("--synthetic", choices=("auto", "pink", "noise", "distill"), default="auto",
+                        help="synthetic inputs: 1/f^2 pink noise, white noise, or pink noise optimised so that the "
+                             "model's BatchNorm layers see their running statistics (needs PyTorch). auto (default): "
+                             "distill when PyTorch is installed and the model has BatchNorm statistics, else pink")
     parser.add_argument("--samples", type=int, default=64, help="number of synthetic inputs (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (default 0)")
     parser.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=True,
@@ -63,14 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-batch", type=int, default=1, help="batch size for dynamic batch dims in the check")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="print stage timings as they finish")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="also print the time of each stage")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = (lambda message: print(message, file=sys.stderr, flush=True)) if args.verbose else None
+    log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
         if args.report is not None and args.report.resolve().parent.is_dir() is False:
             raise InputError(f"{args.report}: report folder does not exist")
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report.format_table())
         print()
         print(report.format_summary())
+        if args.verbose:
+            print("stage times: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in report.timings.items()))
         print(f"wrote {args.output}")
     return 0
 

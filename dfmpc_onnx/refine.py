@@ -70,8 +70,8 @@ def match_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], state:
         (m_q, v_q), = _channel_statistics(probe, input_name, inputs, [outputs[name]], feed, chunk)
         m_f, v_f = float_stats[list(outputs).index(name)]
         state[name] = _rescale(state[name], m_f, v_f, m_q, v_q)
-        if log and (index + 1) % 10 == 0:
-            log(f"refine: {index + 1}/{len(convs)} convs matched")
+        if log and ((index + 1) % 10 == 0 or index + 1 == len(convs)):
+            log(f"refine: {index + 1}/{len(convs)} convs done")
     return state
 
 

@@ -71,3 +71,11 @@ def test_missing_torch_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(InputError, match="needs PyTorch"):
         distill_inputs(load_model(chain_model()), samples=2, seed=0, steps=1)
+
+
+def test_default_with_pytorch_is_refit_on_distilled_inputs_and_deterministic(torch):
+    from dfmpc_onnx import quantize
+    a, report = quantize(residual_model(), "2/6", check=False, samples=8)
+    b, _ = quantize(residual_model(), "2/6", check=False, samples=8)
+    assert (report.synthetic, report.refine) == ("distill", "refit")
+    assert a.SerializeToString() == b.SerializeToString()

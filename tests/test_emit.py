@@ -39,8 +39,8 @@ def float_weights(model):
 @pytest.mark.parametrize("scheme", ["2/6", "3/6", "4/8"])
 def test_qdq_integers_dequantize_exactly_to_the_float_format(make, scheme):
     model = make()
-    qdq, report = quantize(model, scheme, format="qdq", check=False, keep_first=False)
-    flt, _ = quantize(model, scheme, format="float", check=False, keep_first=False)
+    qdq, report = quantize(model, scheme, format="qdq", check=False, synthetic="pink", keep_first=False)
+    flt, _ = quantize(model, scheme, format="float", check=False, synthetic="pink", keep_first=False)
     assert report.pairs
     from_codes = dequantized_weights(qdq)
     plain = float_weights(flt)
@@ -67,27 +67,44 @@ def test_producer_and_consumer_placement_are_the_same_network(make):
 
 
 def test_qdq_storage_types_and_opset():
-    qdq, report = quantize(chain_model(), "2/6", check=False)
+    qdq, report = quantize(chain_model(), "2/6", check=False, synthetic="pink")
     types = {t.data_type for t in qdq.graph.initializer if t.name.endswith(("int2", "int8"))}
     assert types == {onnx.TensorProto.INT2, onnx.TensorProto.INT8}
     assert report.opset_out == 25 and any("opset upgraded" in n for n in report.notes)
-    qdq, _ = quantize(chain_model(), "3/6", check=False)
+    qdq, _ = quantize(chain_model(), "3/6", check=False, synthetic="pink")
     assert onnx.TensorProto.INT4 in {t.data_type for t in qdq.graph.initializer}
     assert qdq.ir_version <= 13
 
 
 def test_float_format_keeps_the_opset():
-    flt, report = quantize(chain_model(), "2/6", format="float", check=False)
+    flt, report = quantize(chain_model(), "2/6", format="float", check=False, synthetic="pink")
     assert report.opset_out == 17
     assert not [n for n in flt.graph.node if n.op_type == "DequantizeLinear"]
 
 
 def test_no_compensation_leaves_weights_on_the_plain_ternary_grid():
-    _, report = quantize(chain_model(), "2/6", compensate=False, check=False)
+    _, report = quantize(chain_model(), "2/6", compensate=False, check=False, synthetic="pink")
     assert all(layer.c_min is None for layer in report.layers)
 
 
+def test_auto_refinement_resolves_by_what_is_installed(monkeypatch):
+    import importlib.util
+    from dfmpc_onnx.api import resolve_refine, resolve_synthetic
+    from dfmpc_onnx.load import load_model
+    with_bn, without_bn = load_model(chain_model()), load_model(chain_model())
+    del without_bn.graph.node[:]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    assert resolve_synthetic("auto", with_bn) == "pink"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "torch" else real(name))
+    assert resolve_synthetic("auto", with_bn) == "distill"
+    assert resolve_synthetic("auto", without_bn) == "pink"
+    assert resolve_synthetic("noise", with_bn) == "noise"
+    assert (resolve_refine("auto", "distill"), resolve_refine("auto", "pink")) == ("refit", "stats")
+    assert resolve_refine("none", "distill") == "none"
+
+
 def test_same_input_same_bytes():
-    a, _ = quantize(residual_model(), "2/6", check=False)
-    b, _ = quantize(residual_model(), "2/6", check=False)
+    a, _ = quantize(residual_model(), "2/6", check=False, synthetic="pink")
+    b, _ = quantize(residual_model(), "2/6", check=False, synthetic="pink")
     assert a.SerializeToString() == b.SerializeToString()

@@ -12,7 +12,7 @@ from conftest import SHARED, run_model
 
 
 def quantize_cli(source, out, *args):
-    result = subprocess.run([sys.executable, "-m", "dfmpc_onnx", str(source), str(out), *args],
+    result = subprocess.run([sys.executable, "-m", "dfmpc_onnx", str(source), str(out), "--synthetic", "pink", *args],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return onnx.load(out), result.stdout

@@ -55,13 +55,17 @@ METHODS = {
     "original": ("Original (rounding)", dict(compensate=False, refine="none")),
     "paper": ("DF-MPC (paper)", dict(refine="none")),
     "paper-float": ("DF-MPC (paper), float format", dict(refine="none", format="float")),
+    "bias": ("DF-MPC + BN bias correction", dict(refine="bias")),
     "stats-noise": ("DF-MPC + stats, white noise", dict(refine="stats", synthetic="noise")),
-    "stats-pink": ("DF-MPC + stats, pink noise (default)", dict(refine="stats", synthetic="pink")),
+    "stats-pink": ("DF-MPC + stats, pink noise (default without PyTorch)", dict(refine="stats", synthetic="pink")),
     "stats-distill": ("DF-MPC + stats, distilled", dict(refine="stats", synthetic="distill")),
-    "optimal-pink": ("DF-MPC, optimal ternary + stats, pink noise", dict(ternary_threshold="optimal", synthetic="pink")),
-    "optimal-distill": ("DF-MPC, optimal ternary + stats, distilled", dict(ternary_threshold="optimal", synthetic="distill")),
+    "refit-distill": ("DF-MPC + refit, distilled (default with PyTorch)", dict(refine="refit", synthetic="distill")),
+    "optimal-pink": ("DF-MPC, optimal ternary + stats, pink noise",
+                     dict(ternary_threshold="optimal", refine="stats", synthetic="pink")),
+    "optimal-refit-distill": ("DF-MPC, optimal ternary + refit, distilled",
+                              dict(ternary_threshold="optimal", refine="refit", synthetic="distill")),
 }
-TERNARY_ONLY = ("optimal-pink", "optimal-distill")
+TERNARY_ONLY = ("optimal-pink", "optimal-refit-distill")
 
 
 def distilled_inputs(source: Path, samples: int = 64, seed: int = 0) -> tuple[np.ndarray, float]:
