@@ -74,9 +74,10 @@ def quantize(
 
     ``scheme`` is LOW/HIGH bits ("2/6": ternary producers, 6-bit consumers).
     ``ternary_threshold`` "twn" is Delta = 0.7 mean|W| (Eq. 4), "optimal" the
-    exact minimiser of the ternary error. ``format`` "qdq" stores integers with DequantizeLinear (compensation on
-    the producer); "float" stores dequantized floats, with the compensation
-    on the producer or, ``placement="consumer"``, on the consumer (Eq. 7).
+    exact minimiser of the ternary error. ``format`` "qdq" stores integers
+    with DequantizeLinear (compensation on the producer); "float" stores
+    dequantized floats, with the compensation on the producer or, with
+    ``placement="consumer"``, on the consumer (Eq. 7).
     ``compensate=False`` gives uncompensated rounding ("Original" in the paper).
     ``refine="stats"`` then matches every quantized conv's per-channel output
     mean and variance to the float model's on ``samples`` synthetic inputs
@@ -88,8 +89,8 @@ def quantize(
     the best this installation can do: "refit" on "distill"ed inputs when
     PyTorch is installed and the model keeps BatchNormalization statistics,
     else "stats" on "pink" noise; the report says which ran.
-    ``log`` receives progress lines of the long stages. ``synthetic_inputs`` (samples x input shape)
-    replaces the generated inputs, e.g. to distill once and reuse.
+    ``synthetic_inputs`` (samples x input shape) replaces the generated
+    inputs, e.g. to distill once and reuse. ``log`` receives progress lines.
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
     say = log or (lambda message: None)
@@ -112,6 +113,7 @@ def quantize(
         clock = now
 
     source = load_model(model)
+    auto_synthetic = synthetic == "auto"
     synthetic = resolve_synthetic(synthetic, source)
     refine = resolve_refine(refine, synthetic)
     label = str(model) if not isinstance(model, onnx.ModelProto) else (source.graph.name or "model")
@@ -158,23 +160,10 @@ def quantize(
                for name, layer in layers.items()}
     lap("solve")
 
-    if refine == "bias":
-        qlayers = _correct_biases(qlayers, folding.preactivation)
-        lap("refine")
-    if refine in ("stats", "refit") and qlayers:
-        skipped = _refinement_obstacle(graph)
-        if skipped:
-            notes.append(f"refinement skipped: {skipped}")
-        else:
-            shape = list(graph.inputs[0].shape)
-            if synthetic_inputs is None:
-                synthetic_inputs = make_synthetic_inputs(working, shape, synthetic, samples, seed, say)
-            elif list(np.shape(synthetic_inputs)[1:]) != [int(d) for d in shape[1:]]:
-                raise InputError(f"synthetic_inputs of shape {np.shape(synthetic_inputs)} do not fit input {shape}")
-            refit = None
-            if refine == "refit":
-                refit = lambda name, weight_rows: quantize_rows(weight_rows, scheme.high, per_channel)
-            qlayers = _refine_statistics(graph, qlayers, working, synthetic_inputs, say, refit)
+    if refine != "none" and qlayers:
+        qlayers, refine, synthetic = _refine(graph, qlayers, folding.preactivation, working, scheme, per_channel,
+                                             refine, synthetic, auto_synthetic, samples, seed, synthetic_inputs,
+                                             notes, say)
         lap("refine")
 
     if format == "qdq":
@@ -339,6 +328,35 @@ def resolve_refine(refine: str, synthetic: str) -> str:
     if refine != "auto":
         return refine
     return "refit" if synthetic == "distill" else "stats"
+
+
+def _refine(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], preactivation: dict, working: onnx.ModelProto,
+            scheme: Scheme, per_channel: bool, refine: str, synthetic: str, auto_synthetic: bool, samples: int,
+            seed: int, synthetic_inputs: np.ndarray | None, notes: list[str],
+            say: Callable[[str], None]) -> tuple[dict[str, QuantizedLayer], str, str]:
+    """The refinement stage; returns the refined layers and the refinement and inputs that actually ran."""
+    if refine == "bias":
+        return _correct_biases(qlayers, preactivation), refine, synthetic
+    obstacle = _refinement_obstacle(graph)
+    if obstacle:
+        notes.append(f"refinement skipped: {obstacle}")
+        return qlayers, "none", synthetic
+    shape = list(graph.inputs[0].shape)
+    if synthetic_inputs is None:
+        try:
+            synthetic_inputs = make_synthetic_inputs(working, shape, synthetic, samples, seed, say)
+        except InputError as err:
+            if not auto_synthetic:
+                raise
+            notes.append(f"distillation not possible ({err}); used pink noise and statistics matching")
+            synthetic, refine = "pink", "stats"
+            synthetic_inputs = make_synthetic_inputs(working, shape, synthetic, samples, seed, say)
+    elif list(np.shape(synthetic_inputs)[1:]) != [int(d) for d in shape[1:]]:
+        raise InputError(f"synthetic_inputs of shape {np.shape(synthetic_inputs)} do not fit input {shape}")
+    refit = None
+    if refine == "refit":
+        refit = lambda name, weight_rows: quantize_rows(weight_rows, scheme.high, per_channel)
+    return _refine_statistics(graph, qlayers, working, synthetic_inputs, say, refit), refine, synthetic
 
 
 def _correct_biases(qlayers: dict[str, QuantizedLayer],
