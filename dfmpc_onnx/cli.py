@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="qdq: integer weights + DequantizeLinear (default); float: dequantized float weights")
     parser.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
                         help="quantizer scales per tensor (the paper, default) or per output channel")
-    parser.add_argument("--ternary-threshold", choices=("twn", "optimal"), default="twn",
-                        help="twn: Delta = 0.7 mean|W| (Eq. 4, default); optimal: the exact least-squares threshold")
+    parser.add_argument("--ternary-threshold", choices=("auto", "twn", "optimal"), default="auto",
+                        help="twn: Delta = 0.7 mean|W| (Eq. 4); optimal: the exact least-squares threshold; "
+                             "auto (default): optimal with --refine refit, else twn")
     parser.add_argument("--lambda1", type=float, default=0.5, help="weight of the bias term (default 0.5)")
     parser.add_argument("--lambda2", type=float, default=0.0, help="weight of the ||c||^2 term (default 0)")
     parser.add_argument("--no-compensation", dest="compensate", action="store_false",

@@ -62,10 +62,10 @@ METHODS = {
     "refit-distill": ("DF-MPC + refit, distilled (default with PyTorch)", dict(refine="refit", synthetic="distill")),
     "optimal-pink": ("DF-MPC, optimal ternary + stats, pink noise",
                      dict(ternary_threshold="optimal", refine="stats", synthetic="pink")),
-    "optimal-refit-distill": ("DF-MPC, optimal ternary + refit, distilled",
-                              dict(ternary_threshold="optimal", refine="refit", synthetic="distill")),
+    "twn-refit-distill": ("DF-MPC, TWN ternary (Eq. 4) + refit, distilled",
+                          dict(ternary_threshold="twn", refine="refit", synthetic="distill")),
 }
-TERNARY_ONLY = ("optimal-pink", "optimal-refit-distill")
+TERNARY_ONLY = ("optimal-pink", "twn-refit-distill")
 
 
 def distilled_inputs(source: Path, samples: int = 64, seed: int = 0) -> tuple[np.ndarray, float]:
