@@ -7,8 +7,10 @@ load -> fold BatchNorm -> find pairs -> quantize -> solve compensation -> emit -
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,14 +21,15 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from .check import check_with_onnxruntime, loadable_ir_version, resolve_providers
+from .check import (ORT_ERRORS, PROTOBUF_LIMIT, check_with_onnxruntime, loadable_ir_version, resolve_providers,
+                    run_reference)
 from .compensation import solve_compensation
 from .distill import distill_inputs
 from .emit import effective_weights, emit_float, emit_qdq, storage_for
 from .errors import CheckError, InputError, first_line
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph, to_rows
-from .load import load_model
+from .load import load_model, split_weights
 from .pairs import find_pairs
 from .plan import QuantizedLayer, Scheme, assign_roles
 from .quantizers import TERNARY_THRESHOLDS, quantize_rows, sqnr_db
@@ -109,6 +112,8 @@ def quantize(
 
     def lap(stage: str) -> None:
         nonlocal clock
+        # graphsurgeon's nodes and tensors refer to each other: replaced weights wait for the cycle collector
+        gc.collect()
         now = time.perf_counter()
         timings[stage] = round(now - clock, 4)
         clock = now
@@ -120,19 +125,30 @@ def quantize(
     ternary_threshold = resolve_ternary_threshold(ternary_threshold, refine)
     label = str(model) if not isinstance(model, onnx.ModelProto) else (source.graph.name or "model")
     opset_in = _default_opset(source)
+    weight_bytes_before = initializer_bytes(source)
     notes: list[str] = []
-    working = source
+    inputs = None
+    if refine in ("stats", "refit"):
+        # Made before anything changes the model: distillation needs its BatchNormalization nodes.
+        inputs, refine, synthetic = _synthetic_inputs(source, refine, synthetic, auto_synthetic, samples, seed,
+                                                      synthetic_inputs, notes, say)
+    working, weights = split_weights(source)
+    del source  # from here on the weights are held once, as arrays
+    reference_run = run_reference(working, weights, providers, check_batch) if check else None
     if format == "qdq" and opset_in < required_opset(scheme):
         target = required_opset(scheme)
-        working = _upgrade_opset(source, target)
+        working = _upgrade_opset(working, target)
         notes.append(f"opset upgraded from {opset_in} to {target} for the integer storage types of {scheme} qdq")
     lap("load")
 
-    graph = import_graph(working)
+    graph = import_graph(working, weights)
+    del weights
     folding = fold_batchnorm(graph)
     lap("fold")
 
     layers, left_float = find_layers(graph)
+    if not layers and not left_float:
+        raise InputError(f"{label}: the model has no Conv, Gemm or MatMul layer: nothing to quantize")
     unknown = [name for name in exclude if name not in layers and name not in left_float]
     if unknown:
         raise InputError(f"--exclude: no Conv, Gemm or MatMul named {', '.join(repr(n) for n in unknown)}")
@@ -163,9 +179,7 @@ def quantize(
     lap("solve")
 
     if refine != "none" and qlayers:
-        qlayers, refine, synthetic = _refine(graph, qlayers, folding.preactivation, working, scheme, per_channel,
-                                             refine, synthetic, auto_synthetic, samples, seed, synthetic_inputs,
-                                             notes, say)
+        qlayers = _refine(graph, qlayers, folding.preactivation, working, scheme, per_channel, refine, inputs, say)
         lap("refine")
 
     if format == "qdq":
@@ -175,17 +189,15 @@ def quantize(
     result = _export(graph, working)
     lap("emit")
 
+    layer_reports = _layer_reports(graph, qlayers, left_float)
+    del graph, qlayers, layers, rows, quantized  # the float weights are no longer needed
     check_result = None
-    serialized = result.SerializeToString()
     if check:
         try:
-            onnx.checker.check_model(result)
-        except onnx.checker.ValidationError as err:
-            raise CheckError(f"the quantized model fails the ONNX checker: {first_line(err)}") from None
-        reference = onnx.ModelProto()
-        reference.CopyFrom(source)
-        reference.ir_version = loadable_ir_version(reference, reference.ir_version)
-        check_result = check_with_onnxruntime(reference.SerializeToString(), serialized, providers, check_batch)
+            check_result = check_with_onnxruntime(reference_run, result)
+        except CheckError as err:
+            err.model = result
+            raise
         lap("check")
 
     report = Report(
@@ -195,27 +207,42 @@ def quantize(
         synthetic=synthetic if refine in ("stats", "refit") else None,
         samples=samples if refine in ("stats", "refit") else None,
         seed=seed, opset_in=opset_in, opset_out=_default_opset(result),
-        layers=_layer_reports(graph, qlayers, left_float),
+        layers=layer_reports,
         pairs=list(search.pairs), refusals=list(search.refusals),
         folded_batchnorm=list(folding.folded), kept_batchnorm=list(folding.kept),
-        weight_bytes_before=initializer_bytes(source), weight_bytes_after=initializer_bytes(result),
+        weight_bytes_before=weight_bytes_before, weight_bytes_after=initializer_bytes(result),
         notes=notes, check=check_result, timings=timings)
     if not search.pairs:
         report.notes.append("no quantizable pair: every layer was quantized at the HIGH bit width")
     return result, report
 
 
-def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, **options) -> Report:
+def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, *,
+                  external_data: bool | None = None, keep_failed: bool = False, **options) -> Report:
     """``quantize`` a file and write the result atomically; the input is never touched.
 
     The output path is validated before any work, and on any failure no
-    output file is left behind.
+    output file is left behind, except that ``keep_failed`` writes a model
+    that failed the onnxruntime check before the CheckError propagates.
+    ``external_data`` stores the weights in DESTINATION.data beside it;
+    None (default) does so only when the model exceeds protobuf's 2 GiB.
     """
     source, destination = Path(source), Path(destination)
     check_output_path(source, destination)
-    model, report = quantize(source, **options)
-    save_model_atomic(model, destination)
+    try:
+        model, report = quantize(source, **options)
+    except CheckError as err:
+        if keep_failed and err.model is not None:
+            save_model_atomic(err.model, destination, external_data)
+        raise
+    if save_model_atomic(model, destination, external_data):
+        report.notes.append(f"weights written as external data to {external_data_path(destination).name}")
     return report
+
+
+def external_data_path(destination: Path) -> Path:
+    """Where ``save_model_atomic`` puts the weights of a model saved with external data."""
+    return destination.with_name(destination.name + ".data")
 
 
 def check_output_path(source: Path, destination: Path) -> None:
@@ -224,6 +251,9 @@ def check_output_path(source: Path, destination: Path) -> None:
         raise InputError(f"{destination}: output path is the input file; choose another name")
     if destination.is_dir():
         raise InputError(f"{destination}: output path is a folder")
+    data = external_data_path(destination)
+    if data.exists() and source.exists() and (os.path.samefile(source, data) or _uses_file(source, data)):
+        raise InputError(f"{destination}: its external data file {data.name} belongs to the input; choose another name")
     folder = destination.resolve().parent
     if not folder.is_dir():
         raise InputError(f"{destination}: output folder {folder} does not exist")
@@ -234,24 +264,54 @@ def check_output_path(source: Path, destination: Path) -> None:
         raise InputError(f"{destination}: output folder {folder} is not writable ({err.strerror})") from None
 
 
-def save_model_atomic(model: onnx.ModelProto, destination: str | os.PathLike) -> None:
-    """Write to a temporary file in the destination folder, then rename over the destination."""
+def _uses_file(model_path: Path, data: Path) -> bool:
+    """Whether the model at ``model_path`` keeps external data in the file ``data``."""
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # an unreadable input is refused, with its reason, when it is loaded
+        return False
+    folder = model_path.resolve().parent
+    for tensor in model.graph.initializer:
+        if onnx.external_data_helper.uses_external_data(tensor):
+            location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+            if (folder / location).resolve() == data.resolve():
+                return True
+    return False
+
+
+def save_model_atomic(model: onnx.ModelProto, destination: str | os.PathLike,
+                      external_data: bool | None = None) -> bool:
+    """Write to temporary files in the destination folder, then rename them into place.
+
+    With external data (``external_data`` True, or None and the model over
+    protobuf's 2 GiB limit) the weights go to DESTINATION.data, renamed into
+    place before the model. Returns whether external data was written.
+    """
     destination = Path(destination)
+    folder = destination.resolve().parent
+    external = external_data if external_data is not None else model.ByteSize() >= PROTOBUF_LIMIT
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp",
-                                             dir=destination.resolve().parent)
+        workdir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=folder))
     except OSError as err:
         raise InputError(f"{destination}: cannot write: {err.strerror}") from None
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(model.SerializeToString())
-        os.replace(temporary, destination)
+        staged = workdir / destination.name
+        if external:
+            data = external_data_path(destination)
+            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            external = (workdir / data.name).exists()  # False when no tensor reached the 1 KiB threshold
+            if external:
+                os.replace(workdir / data.name, data)
+        else:
+            with open(staged, "wb") as stream:
+                stream.write(model.SerializeToString())
+        os.replace(staged, destination)
     except OSError as err:
-        Path(temporary).unlink(missing_ok=True)
         raise InputError(f"{destination}: cannot write: {err.strerror}") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return external
 
 
 def _parse_scheme(text: str) -> Scheme:
@@ -284,12 +344,24 @@ def _validate_refinement(refine: str, synthetic: str, samples: int) -> None:
         raise InputError("--samples must be at least 2")
 
 
-def _refinement_obstacle(graph: gs.Graph) -> str | None:
-    """Why statistics matching cannot run on this graph, or None."""
-    if len(graph.inputs) != 1 or graph.inputs[0].dtype != np.float32:
-        return f"it needs one float input, the model has {len(graph.inputs)} inputs"
-    shape = graph.inputs[0].shape
-    if shape is None or len(shape) < 2 or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shape[1:]):
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: graph inputs that are not initializers (old exporters list both)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _model_input_shape(model: onnx.ModelProto) -> list:
+    dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+
+def _refinement_obstacle(model: onnx.ModelProto) -> str | None:
+    """Why statistics matching cannot run on this model, or None."""
+    inputs = _graph_inputs(model)
+    if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        return f"it needs one float input, the model has {len(inputs)} inputs"
+    shape = _model_input_shape(model)
+    if len(shape) < 2 or any(not isinstance(d, int) or d <= 0 for d in shape[1:]):
         return f"input shape {shape} is not static after the batch dim"
     return None
 
@@ -313,7 +385,11 @@ def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], work
     reference.opset_import.extend(working.opset_import)
     reference.ir_version = loadable_ir_version(working, working.ir_version)
     state = {name: effective_weights(ql) for name, ql in qlayers.items()}
-    state = match_statistics(graph, qlayers, state, inputs, reference, chunk=int(batch), log=say, refit=refit)
+    try:
+        state = match_statistics(graph, qlayers, state, inputs, reference, chunk=int(batch), log=say, refit=refit)
+    except ORT_ERRORS as err:
+        raise InputError(f"onnxruntime cannot run the input model for statistics matching ({first_line(err)}); "
+                         "use --refine none or --refine bias") from None
     return {name: dataclasses.replace(ql, refined=state[name]) for name, ql in qlayers.items()}
 
 
@@ -344,33 +420,42 @@ def resolve_ternary_threshold(ternary_threshold: str, refine: str) -> str:
     return "optimal" if refine == "refit" else "twn"
 
 
-def _refine(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], preactivation: dict, working: onnx.ModelProto,
-            scheme: Scheme, per_channel: bool, refine: str, synthetic: str, auto_synthetic: bool, samples: int,
-            seed: int, synthetic_inputs: np.ndarray | None, notes: list[str],
-            say: Callable[[str], None]) -> tuple[dict[str, QuantizedLayer], str, str]:
-    """The refinement stage; returns the refined layers and the refinement and inputs that actually ran."""
-    if refine == "bias":
-        return _correct_biases(qlayers, preactivation), refine, synthetic
-    obstacle = _refinement_obstacle(graph)
+def _synthetic_inputs(model: onnx.ModelProto, refine: str, synthetic: str, auto_synthetic: bool, samples: int,
+                      seed: int, given: np.ndarray | None, notes: list[str],
+                      say: Callable[[str], None]) -> tuple[np.ndarray | None, str, str]:
+    """The inputs of statistics matching and the refinement and inputs that will actually run.
+
+    When ``synthetic`` was chosen automatically and distillation fails, pink
+    noise and "stats" replace it, with a note.
+    """
+    obstacle = _refinement_obstacle(model)
     if obstacle:
         notes.append(f"refinement skipped: {obstacle}")
-        return qlayers, "none", synthetic
-    shape = list(graph.inputs[0].shape)
-    if synthetic_inputs is None:
-        try:
-            synthetic_inputs = make_synthetic_inputs(working, shape, synthetic, samples, seed, say)
-        except InputError as err:
-            if not auto_synthetic:
-                raise
-            notes.append(f"distillation not possible ({err}); used pink noise and statistics matching")
-            synthetic, refine = "pink", "stats"
-            synthetic_inputs = make_synthetic_inputs(working, shape, synthetic, samples, seed, say)
-    elif list(np.shape(synthetic_inputs)[1:]) != [int(d) for d in shape[1:]]:
-        raise InputError(f"synthetic_inputs of shape {np.shape(synthetic_inputs)} do not fit input {shape}")
+        return None, "none", synthetic
+    shape = _model_input_shape(model)
+    if given is not None:
+        if list(np.shape(given)[1:]) != shape[1:]:
+            raise InputError(f"synthetic_inputs of shape {np.shape(given)} do not fit input {shape}")
+        return np.asarray(given, dtype=np.float32), refine, synthetic
+    try:
+        return make_synthetic_inputs(model, shape, synthetic, samples, seed, say), refine, synthetic
+    except InputError as err:
+        if not auto_synthetic:
+            raise
+        notes.append(f"distillation not possible ({err}); used pink noise and statistics matching")
+        return make_synthetic_inputs(model, shape, "pink", samples, seed, say), "stats", "pink"
+
+
+def _refine(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], preactivation: dict, working: onnx.ModelProto,
+            scheme: Scheme, per_channel: bool, refine: str, inputs: np.ndarray | None,
+            say: Callable[[str], None]) -> dict[str, QuantizedLayer]:
+    """The refinement stage: BatchNorm bias correction, or statistics matching (with refit) on ``inputs``."""
+    if refine == "bias":
+        return _correct_biases(qlayers, preactivation)
     refit = None
     if refine == "refit":
         refit = lambda name, weight_rows: quantize_rows(weight_rows, scheme.high, per_channel)
-    return _refine_statistics(graph, qlayers, working, synthetic_inputs, say, refit), refine, synthetic
+    return _refine_statistics(graph, qlayers, working, inputs, say, refit)
 
 
 def _correct_biases(qlayers: dict[str, QuantizedLayer],

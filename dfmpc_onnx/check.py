@@ -5,12 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import functools
+import os
+import tempfile
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import external_data_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from .errors import CheckError, InputError, first_line
+
+ORT_ERRORS = tuple(getattr(_ort_state, name) for name in dir(_ort_state)
+                   if isinstance(getattr(_ort_state, name), type) and issubclass(getattr(_ort_state, name), Exception))
+"""The exception types onnxruntime raises for models it cannot load or run."""
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -75,43 +83,109 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> tuple[float
     return cosine, sqnr
 
 
-def check_with_onnxruntime(reference: bytes, candidate: bytes, providers: list[str] | tuple[str, ...] = ("cpu",),
-                           batch: int = 1, seed: int = 0) -> CheckResult:
-    """Load both serialized models, run them on one seeded random batch and compare every output.
+@dataclass(frozen=True)
+class ReferenceRun:
+    """The input model's outputs on one seeded random batch, computed before the model is quantized."""
 
-    Raises CheckError if the candidate does not load, does not run, or
-    produces non-finite values where the reference does not.
+    feed: dict[str, np.ndarray]
+    outputs: tuple[tuple[str, np.ndarray], ...]
+    providers: tuple[str, ...]
+    batch: int
+
+
+def run_reference(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
+                  providers: list[str] | tuple[str, ...] = ("cpu",), batch: int = 1, seed: int = 0) -> ReferenceRun:
+    """Run the input model in onnxruntime on one seeded random batch.
+
+    ``weights`` are the values of initializers that ``model`` holds without
+    data (``load.split_weights``); onnxruntime reads them in place, so the
+    float weights are not copied. Raises InputError if onnxruntime cannot
+    run the input model.
     """
     chosen = resolve_providers(providers)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    weights = weights or {}
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    reference.ir_version = loadable_ir_version(reference, reference.ir_version)
+    for tensor in reference.graph.initializer:
+        if tensor.name in weights:  # a placeholder that add_external_initializers overrides
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.external_data.add(key="location", value="held-in-memory")
+    options = _session_options()
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[name])) for name in weights]
+    if weights:
+        options.add_external_initializers(list(weights), values)
+    with tempfile.TemporaryDirectory(prefix="dfmpc-check-") as folder:
+        try:
+            session = ort.InferenceSession(_session_source(reference, folder), options, providers=chosen)
+        except Exception as err:
+            raise InputError(f"onnxruntime cannot run the input model: {first_line(err)}") from None
+    feed = random_feed(session, batch, seed)
     try:
-        ref_session = ort.InferenceSession(reference, options, providers=chosen)
-    except Exception as err:
-        raise InputError(f"onnxruntime cannot run the input model: {first_line(err)}") from None
-    try:
-        cand_session = ort.InferenceSession(candidate, options, providers=chosen)
-    except Exception as err:
-        raise CheckError(f"onnxruntime cannot load the quantized model: {first_line(err)}") from None
-    feed = random_feed(ref_session, batch, seed)
-    try:
-        ref_out = ref_session.run(None, feed)
+        outputs = session.run(None, feed)
     except Exception as err:
         raise InputError(f"onnxruntime cannot run the input model on a random batch: {first_line(err)}") from None
+    names = [spec.name for spec in session.get_outputs()]
+    return ReferenceRun(feed, tuple(zip(names, map(np.asarray, outputs))), tuple(chosen), batch)
+
+
+def check_with_onnxruntime(reference: ReferenceRun, candidate: onnx.ModelProto) -> CheckResult:
+    """Check ``candidate`` with the ONNX checker, run it on the reference's batch and compare every output.
+
+    Raises CheckError if the candidate fails the checker, does not load, does
+    not run, or produces non-finite values where the reference does not.
+    Models over protobuf's 2 GiB limit go through a temporary folder.
+    """
+    with tempfile.TemporaryDirectory(prefix="dfmpc-check-") as folder:
+        source = _session_source(candidate, folder)
+        try:
+            onnx.checker.check_model(source if isinstance(source, str) else candidate)
+        except onnx.checker.ValidationError as err:
+            raise CheckError(f"the quantized model fails the ONNX checker: {first_line(err)}") from None
+        try:
+            session = ort.InferenceSession(source, _session_options(), providers=list(reference.providers))
+        except Exception as err:
+            raise CheckError(f"onnxruntime cannot load the quantized model: {first_line(err)}") from None
     try:
-        cand_out = cand_session.run(None, feed)
+        outputs = session.run(None, reference.feed)
     except Exception as err:
         raise CheckError(f"onnxruntime cannot run the quantized model: {first_line(err)}") from None
     agreements = []
-    for spec, r, c in zip(ref_session.get_outputs(), ref_out, cand_out):
-        r, c = np.asarray(r), np.asarray(c)
+    for (name, r), c in zip(reference.outputs, outputs):
+        c = np.asarray(c)
         if r.shape != c.shape:
-            raise CheckError(f"output '{spec.name}' has shape {c.shape}, the input model gives {r.shape}")
+            raise CheckError(f"output '{name}' has shape {c.shape}, the input model gives {r.shape}")
         if np.issubdtype(c.dtype, np.floating) and not np.all(np.isfinite(c)) and np.all(np.isfinite(r)):
-            raise CheckError(f"the quantized model's output '{spec.name}' holds NaN or Inf")
+            raise CheckError(f"the quantized model's output '{name}' holds NaN or Inf")
         cosine, sqnr = compare_outputs(r, c)
-        agreements.append(OutputAgreement(spec.name, cosine, sqnr))
-    return CheckResult(providers=tuple(cand_session.get_providers()), batch=batch, outputs=tuple(agreements))
+        agreements.append(OutputAgreement(name, cosine, sqnr))
+    return CheckResult(providers=tuple(session.get_providers()), batch=reference.batch, outputs=tuple(agreements))
+
+
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _session_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # One small batch: no fused or pre-packed copies of the weights, no memory arena.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False
+    return options
+
+
+def _session_source(model: str | onnx.ModelProto, folder: str) -> str | bytes:
+    """What InferenceSession takes: a path as it is, a model as bytes, or, over 2 GiB, saved with external data."""
+    if isinstance(model, str):
+        return model
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return model.SerializeToString()
+    name = f"model{len(os.listdir(folder))}.onnx"
+    path = os.path.join(folder, name)
+    onnx.save_model(model, path, save_as_external_data=True, location=f"{name}.data")
+    external_data_helper.load_external_data_for_model(model, folder)  # saving moved the data out of ``model``
+    return path
 
 
 def loadable_ir_version(model: onnx.ModelProto, preferred: int) -> int:

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the last layer (classifier) out of pairs, at HIGH bits (default on)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE_NAME",
                         help="leave these Conv/Gemm/MatMul nodes in float")
+    parser.add_argument("--external-data", action="store_true", default=None,
+                        help="store the weights in OUTPUT.data beside the model (automatic above 2 GiB)")
+    parser.add_argument("--keep-failed", action="store_true",
+                        help="write the output even when it fails the onnxruntime check (exit status still 3)")
     parser.add_argument("--report", type=Path, metavar="PATH.json", help="also write the full report as JSON")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the onnxruntime comparison of the float and quantized model")
@@ -84,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             refine=args.refine, synthetic=args.synthetic, samples=args.samples, seed=args.seed,
             keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,
             providers=[p.strip() for p in args.providers.split(",") if p.strip()], check_batch=args.check_batch,
-            log=log)
+            external_data=args.external_data, keep_failed=args.keep_failed, log=log)
     except (InputError, CheckError) as err:
-        print(f"dfmpc-onnx: error: {err}", file=sys.stderr)
+        kept = " (written anyway: --keep-failed)" if isinstance(err, CheckError) and args.output.exists() \
+            and args.keep_failed else ""
+        print(f"dfmpc-onnx: error: {err}{kept}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         print("dfmpc-onnx: interrupted; no output written", file=sys.stderr)

@@ -133,4 +133,8 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
 def _set_bias(graph: gs.Graph, layer: Layer, bias: np.ndarray | None) -> None:
     if bias is None or bias is layer.bias:
         return
-    layer.node.inputs[2] = gs.Constant(unique_name(graph, f"{layer.name}.bias_q"), np.asarray(bias, dtype=np.float32))
+    constant = gs.Constant(unique_name(graph, f"{layer.name}.bias_q"), np.asarray(bias, dtype=np.float32))
+    if len(layer.node.inputs) > 2:
+        layer.node.inputs[2] = constant
+    else:
+        layer.node.inputs.append(constant)

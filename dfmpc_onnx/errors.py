@@ -8,9 +8,13 @@ class InputError(Exception):
 
 
 class CheckError(Exception):
-    """The quantized model failed to load or run in onnxruntime (exit status 3)."""
+    """The quantized model failed to load or run in onnxruntime (exit status 3).
+
+    ``model`` holds the failing model where there is one (for ``--keep-failed``).
+    """
 
     exit_status = 3
+    model = None
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

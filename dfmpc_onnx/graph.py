@@ -44,9 +44,18 @@ class Layer:
         return int(self.weight.shape[self.out_axis])
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import into graphsurgeon, sorted topologically, every node with a unique name."""
+def import_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None) -> gs.Graph:
+    """Import into graphsurgeon, sorted topologically, every node with a unique name.
+
+    ``weights`` gives the values of initializers that ``model`` holds
+    without data (see ``load.split_weights``).
+    """
     graph = gs.import_onnx(model)
+    if weights:
+        tensors = graph.tensors()
+        for name, values in weights.items():
+            if isinstance(tensors.get(name), gs.Constant):
+                tensors[name].values = values
     graph.toposort()
     seen: set[str] = set()
     for index, node in enumerate(graph.nodes):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -29,22 +30,94 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     else:
         path = Path(source)
         label = str(path)
+        # The checker reads the file itself, before Python holds the model, so that the weights are
+        # never in memory three times; its verdict waits until the clearer checks below have run.
+        checker_error = _checker_error(str(path)) if path.is_file() else None
         model = _read_proto(path)
         base_dir = path.resolve().parent
     if not model.HasField("graph"):
         raise InputError(f"{label}: the file holds no graph")
-    _load_external_data(model, base_dir, label)
     _check_opset(model, label)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as err:
-        raise InputError(f"{label}: not a valid ONNX model: {first_line(err)}") from None
+    external = _check_external_data(model, base_dir, label)
+    if base_dir is None:
+        checker_error = _checker_error(model)
+    if checker_error:
+        raise InputError(f"{label}: not a valid ONNX model: {checker_error}")
+    if external:
+        _read_external_data(model, base_dir, label)
     _check_finite_weights(model, label)
+    _check_batchnorm_variance(model, label)
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        model = on_skeleton(model, lambda skeleton: onnx.shape_inference.infer_shapes(skeleton, data_prop=True))
     except Exception as err:  # shape inference raises several unrelated types
         raise InputError(f"{label}: shape inference failed: {first_line(err)}") from None
     return model
+
+
+def _checker_error(model: str | onnx.ModelProto) -> str | None:
+    """``onnx.checker``'s first complaint about a model or model file, or None."""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:  # ValidationError, or ValueError for in-memory models over 2 GiB
+        return first_line(err)
+    return None
+
+
+def on_skeleton(model: onnx.ModelProto, transform: Callable[[onnx.ModelProto], onnx.ModelProto],
+                min_bytes: int = 1 << 16) -> onnx.ModelProto:
+    """``transform(model)`` run with the large initializers' data set aside, then moved into its result.
+
+    Shape inference and the version converter copy the whole model; on the
+    skeleton they copy kilobytes. ``model`` gives up its large tensors' data.
+    """
+    detached: dict[str, bytes] = {}
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and _nbytes(tensor) >= min_bytes:
+            detached[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    try:
+        result = transform(model)
+    except BaseException:
+        _attach(model, detached)
+        raise
+    _attach(result, detached)  # an initializer the transform dropped is simply not given back
+    return result
+
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+
+
+def split_weights(model: onnx.ModelProto, min_bytes: int = 1 << 16) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` without the data of its large float initializers, and that data as arrays.
+
+    Protobuf returns memory only when a whole message goes, so a caller that
+    drops ``model`` afterwards holds the weights once, as arrays. ``model``
+    loses those initializers' data.
+    """
+    weights: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_type in FLOAT_TYPES and tensor.HasField("raw_data") and _nbytes(tensor) >= min_bytes:
+            weights[tensor.name] = numpy_helper.to_array(tensor)
+            tensor.ClearField("raw_data")
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    return skeleton, weights
+
+
+def _attach(model: onnx.ModelProto, detached: dict[str, bytes]) -> None:
+    """Give initializers back their raw data, emptying ``detached`` as it goes."""
+    for tensor in model.graph.initializer:
+        data = detached.pop(tensor.name, None)
+        if data is not None:
+            tensor.raw_data = data
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return count
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
@@ -68,10 +141,11 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, label: str) -> None:
+def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: str) -> bool:
+    """Refuse external data outside the model's folder, missing or short; True if there is any."""
     tensors = [t for t in _graph_tensors(model.graph) if external_data_helper.uses_external_data(t)]
     if not tensors:
-        return
+        return False
     if base_dir is None:
         raise InputError(f"{label}: the model refers to external data; pass its path instead of a ModelProto")
     for tensor in tensors:
@@ -87,6 +161,10 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path | None, label: st
         needed = info.offset + info.length if info.length else info.offset
         if needed > target.stat().st_size:
             raise InputError(f"{label}: external data file '{info.location}' is shorter than '{tensor.name}' needs")
+    return True
+
+
+def _read_external_data(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
     try:
         external_data_helper.load_external_data_for_model(model, str(base_dir))
     except (OSError, ValueError) as err:
@@ -114,6 +192,20 @@ def _check_opset(model: onnx.ModelProto, label: str) -> None:
         raise InputError(f"{label}: the model imports no version of the default ONNX opset")
     if not MIN_OPSET <= default[0] <= newest:
         raise InputError(f"{label}: opset {default[0]} is not supported (this tool reads opsets {MIN_OPSET} to {newest})")
+
+
+def _check_batchnorm_variance(model: onnx.ModelProto, label: str) -> None:
+    """Refuse a BatchNormalization whose var + epsilon is not positive: the float model divides by zero."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or len(node.input) < 5 or node.input[4] not in initializers:
+            continue
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        var = numpy_helper.to_array(initializers[node.input[4]]).astype(np.float64)
+        if np.any(var + epsilon <= 0):
+            kind = "zero variance and zero epsilon" if np.all(var >= 0) else "negative variance"
+            raise InputError(f"{label}: BatchNormalization '{node.name}' has {kind}: the model divides by zero "
+                             "or takes the root of a negative number")
 
 
 def _check_finite_weights(model: onnx.ModelProto, label: str) -> None:

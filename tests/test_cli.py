@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import chain_model
+from conftest import chain_model, run_model
 from dfmpc_onnx.cli import main
 
 
@@ -203,3 +203,60 @@ def test_no_pair_quantizes_everything_high(tmp_path):
     result = run_cli(path, tmp_path / "out.onnx", "--keep-first", "--keep-last")
     assert result.returncode == 0, result.stderr
     assert "pairs found: 0" in result.stdout and "no quantizable pair" in result.stdout
+
+
+def test_same_input_same_output_bytes(model_path, tmp_path):
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert run_cli(model_path, first).returncode == 0
+    assert run_cli(model_path, second).returncode == 0
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_external_data_output_is_deterministic_and_loads(tmp_path):
+    model_path = tmp_path / "in.onnx"
+    onnx.save(chain_model(channels=64), model_path)
+    outputs = []
+    for name in ("a.onnx", "b.onnx"):
+        out = tmp_path / name
+        result = run_cli(model_path, out, "--external-data")
+        assert result.returncode == 0 and f"{name}.data" in result.stdout, result.stderr
+        model_bytes = out.read_bytes().replace(f"{name}.data".encode(), b"OUT.data")
+        outputs.append((model_bytes, (tmp_path / f"{name}.data").read_bytes()))
+        run_model(onnx.load(str(out)), np.zeros((1, 3, 8, 8), np.float32))
+    assert outputs[0] == outputs[1]
+
+
+def test_external_data_never_replaces_the_inputs_data(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save_model(chain_model(channels=64), folder / "in.onnx", save_as_external_data=True,
+                    location="out.onnx.data", size_threshold=0)
+    before = (folder / "out.onnx.data").read_bytes()
+    out = folder / "out.onnx"
+    assert_refused(run_cli(folder / "in.onnx", out, "--external-data"), out, "belongs to the input")
+    assert (folder / "out.onnx.data").read_bytes() == before
+
+
+def test_automatic_external_data_above_the_protobuf_limit(monkeypatch, tmp_path):
+    import dfmpc_onnx.api as api
+    monkeypatch.setattr(api, "PROTOBUF_LIMIT", 1000)
+    out = tmp_path / "out.onnx"
+    assert api.save_model_atomic(chain_model(), out) is True
+    assert (tmp_path / "out.onnx.data").exists() and onnx.load(str(out)).graph.initializer
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_keep_failed_writes_the_failing_model(model_path, tmp_path, monkeypatch):
+    import dfmpc_onnx.api as api
+    from dfmpc_onnx.errors import CheckError
+
+    def failing_check(*args, **kwargs):
+        raise CheckError("simulated check failure")
+    monkeypatch.setattr(api, "check_with_onnxruntime", failing_check)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(CheckError):
+        api.quantize_file(model_path, out, synthetic="pink")
+    assert not out.exists()
+    with pytest.raises(CheckError):
+        api.quantize_file(model_path, out, synthetic="pink", keep_failed=True)
+    assert out.exists()
