@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -31,14 +31,16 @@ from .fold import fold_batchnorm
 from .graph import find_layers, import_graph, to_rows
 from .load import load_model, split_weights
 from .pairs import find_pairs
+from .relu6 import batchnorm_statistics, relu6_clips, replace_rare_clips
 from .plan import QuantizedLayer, Scheme, assign_roles
 from .quantizers import TERNARY_THRESHOLDS, quantize_rows, sqnr_db
-from .refine import correct_bias, expected_input, match_statistics
+from .refine import activation_statistics, correct_bias, expected_input, match_statistics
 from .report import LayerReport, Report, initializer_bytes
 from .synthetic import synthetic_batch
 
 FORMATS = ("qdq", "float")
 REFINEMENTS = ("auto", "none", "bias", "stats", "refit")
+RELU6 = ("refuse", "pair", "relu")
 SYNTHETIC = ("auto", "noise", "pink", "distill")
 GRANULARITIES = ("tensor", "channel")
 
@@ -65,12 +67,14 @@ def quantize(
     samples: int = 64,
     seed: int = 0,
     synthetic_inputs: np.ndarray | None = None,
+    relu6: str = "refuse",
     keep_first: bool = True,
     keep_last: bool = True,
     exclude: tuple[str, ...] | list[str] = (),
     check: bool = True,
     providers: tuple[str, ...] | list[str] = ("cpu",),
     check_batch: int = 1,
+    input_shapes: dict[str | None, Sequence[int]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize a float ONNX CNN with DF-MPC and return (quantized model, report).
@@ -93,8 +97,15 @@ def quantize(
     the best this installation can do: "refit" on "distill"ed inputs when
     PyTorch is installed and the model keeps BatchNormalization statistics,
     else "stats" on "pink" noise; the report says which ran.
+    ``relu6`` says what a Clip(0, hi) (ReLU6) between producer and consumer
+    does: "refuse" ends the chain; "pair" passes it (exact, as c sits on the
+    producer); "relu" first replaces each Clip whose input statistics (from
+    BatchNorm, or the synthetic inputs) say it is rarely reached by a Relu.
     ``synthetic_inputs`` (samples x input shape) replaces the generated
-    inputs, e.g. to distill once and reuse. ``log`` receives progress lines.
+    inputs, e.g. to distill once and reuse. ``input_shapes`` maps input
+    names (or None, for a model's only input) to the shape that the check and
+    the synthetic inputs use where the model's dims are dynamic; the output
+    keeps the model's own dims. ``log`` receives progress lines.
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
     say = log or (lambda message: None)
@@ -103,8 +114,11 @@ def quantize(
     _validate_refinement(refine, synthetic, samples)
     if ternary_threshold not in TERNARY_THRESHOLDS + ("auto",):
         raise InputError(f"--ternary-threshold must be one of auto, {', '.join(TERNARY_THRESHOLDS)}")
-    if placement != "producer" and (format == "qdq" or refine != "none"):
-        raise InputError("--placement consumer needs --format float and --refine none")
+    if placement != "producer" and (format == "qdq" or refine != "none" or relu6 == "pair"):
+        raise InputError("--placement consumer needs --format float and --refine none, and refuses --relu6 pair "
+                         "(c on the consumer would move the clip point)")
+    if relu6 not in RELU6:
+        raise InputError(f"--relu6 must be one of {', '.join(RELU6)}, not '{relu6}'")
     if check:
         resolve_providers(providers)
     timings: dict[str, float] = {}
@@ -119,6 +133,7 @@ def quantize(
         clock = now
 
     source = load_model(model)
+    shapes = resolve_input_shapes(source, input_shapes or {})
     auto_synthetic = synthetic == "auto"
     synthetic = resolve_synthetic(synthetic, source)
     refine = resolve_refine(refine, synthetic)
@@ -130,11 +145,11 @@ def quantize(
     inputs = None
     if refine in ("stats", "refit"):
         # Made before anything changes the model: distillation needs its BatchNormalization nodes.
-        inputs, refine, synthetic = _synthetic_inputs(source, refine, synthetic, auto_synthetic, samples, seed,
-                                                      synthetic_inputs, notes, say)
+        inputs, refine, synthetic = _synthetic_inputs(source, shapes, refine, synthetic, auto_synthetic, samples,
+                                                      seed, synthetic_inputs, notes, say)
     working, weights = split_weights(source)
     del source  # from here on the weights are held once, as arrays
-    reference_run = run_reference(working, weights, providers, check_batch) if check else None
+    reference_run = run_reference(working, weights, providers, check_batch, shapes=shapes) if check else None
     if format == "qdq" and opset_in < required_opset(scheme):
         target = required_opset(scheme)
         working = _upgrade_opset(working, target)
@@ -144,6 +159,7 @@ def quantize(
     graph = import_graph(working, weights)
     del weights
     folding = fold_batchnorm(graph)
+    replaced_clips = _relax_relu6(graph, folding.preactivation, working, inputs, notes) if relu6 == "relu" else []
     lap("fold")
 
     layers, left_float = find_layers(graph)
@@ -157,7 +173,7 @@ def quantize(
             left_float[name] = "excluded (--exclude)"
             del layers[name]
     fixed = _fixed_layers(list(layers), keep_first, keep_last)
-    search = find_pairs(graph, layers, fixed)
+    search = find_pairs(graph, layers, fixed, relu6)
     roles = assign_roles(list(layers), search.pairs)
     lap("pairs")
 
@@ -211,7 +227,7 @@ def quantize(
         pairs=list(search.pairs), refusals=list(search.refusals),
         folded_batchnorm=list(folding.folded), kept_batchnorm=list(folding.kept),
         weight_bytes_before=weight_bytes_before, weight_bytes_after=initializer_bytes(result),
-        notes=notes, check=check_result, timings=timings)
+        relu6=relu6, replaced_clips=replaced_clips, notes=notes, check=check_result, timings=timings)
     if not search.pairs:
         report.notes.append("no quantizable pair: every layer was quantized at the HIGH bit width")
     return result, report
@@ -350,43 +366,108 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
-def _model_input_shape(model: onnx.ModelProto) -> list:
-    dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+def _declared_shape(value: onnx.ValueInfoProto) -> list:
+    """An input's dims: ints where static, the dim's name or None where dynamic."""
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in dims]
 
 
-def _refinement_obstacle(model: onnx.ModelProto) -> str | None:
+def resolve_input_shapes(model: onnx.ModelProto, given: dict[str | None, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """``given`` (``--input-shape``) checked against the model's inputs, keyed by input name.
+
+    A None key names the model's only input. Each shape must have the input's
+    rank, positive dims, and agree with every static dim of the input.
+    """
+    inputs = {value.name: value for value in _graph_inputs(model)}
+    shapes = {}
+    for name, dims in given.items():
+        if name is None:
+            if len(inputs) != 1:
+                raise InputError(f"--input-shape: the model has {len(inputs)} inputs "
+                                 f"({', '.join(inputs)}); write NAME:DIMS")
+            name = next(iter(inputs))
+        if name not in inputs:
+            raise InputError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(inputs)})")
+        declared = _declared_shape(inputs[name])
+        dims = tuple(int(d) for d in dims)
+        if len(dims) != len(declared) or min(dims, default=1) <= 0 or any(
+                isinstance(d, int) and d != g for d, g in zip(declared, dims)):
+            shown = ",".join(str(d) if d else "?" for d in declared)
+            raise InputError(f"--input-shape: {','.join(map(str, dims))} does not fit input '{name}' of shape "
+                             f"{shown}")
+        shapes[name] = dims
+    return shapes
+
+
+def _model_input_shape(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list:
+    """The first input's shape, with ``--input-shape`` dims where the model's are dynamic."""
+    value = _graph_inputs(model)[0]
+    return list(shapes.get(value.name, _declared_shape(value)))
+
+
+def _refinement_obstacle(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> str | None:
     """Why statistics matching cannot run on this model, or None."""
     inputs = _graph_inputs(model)
     if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         return f"it needs one float input, the model has {len(inputs)} inputs"
-    shape = _model_input_shape(model)
-    if len(shape) < 2 or any(not isinstance(d, int) or d <= 0 for d in shape[1:]):
-        return f"input shape {shape} is not static after the batch dim"
+    shape = _model_input_shape(model, shapes)
+    if len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):
+        shown = ",".join(str(d) if isinstance(d, int) else "?" for d in shape)
+        return f"input shape {shown} is dynamic after the batch dim (give one with --input-shape)"
     return None
 
 
 def make_synthetic_inputs(model: onnx.ModelProto, input_shape: list, synthetic: str, samples: int, seed: int,
                           log: Callable[[str], None] | None = None) -> np.ndarray:
-    """``samples`` seeded synthetic inputs for ``model``'s one input (of ``input_shape``):
-    "noise", "pink" or "distill" (needs PyTorch)."""
+    """``samples`` seeded synthetic inputs for ``model``'s one input (of ``input_shape``, static after the
+    batch dim): "noise", "pink" or "distill" (needs PyTorch)."""
     if synthetic == "distill":
-        return distill_inputs(model, samples, seed, log=log)
+        return distill_inputs(model, samples, seed, input_shape=input_shape[1:], log=log)
     return synthetic_batch(input_shape, synthetic, samples, seed)
+
+
+def _chunk(graph: gs.Graph) -> int:
+    """How many synthetic inputs one onnxruntime run takes: the static batch dim, else 32."""
+    first = graph.inputs[0].shape[0] if graph.inputs[0].shape else None
+    return int(first) if isinstance(first, (int, np.integer)) and first > 0 else 32
+
+
+def _opset_model(working: onnx.ModelProto) -> onnx.ModelProto:
+    """An empty model carrying ``working``'s opsets and an IR version onnxruntime loads."""
+    reference = onnx.ModelProto()
+    reference.opset_import.extend(working.opset_import)
+    reference.ir_version = loadable_ir_version(working, working.ir_version)
+    return reference
+
+
+def _relax_relu6(graph: gs.Graph, preactivation: dict, working: onnx.ModelProto, inputs: np.ndarray | None,
+                 notes: list[str]) -> list[str]:
+    """``--relu6 relu`` (relu6.py): Clip(0, hi) -> Relu where statistics say the clip is rarely reached."""
+    clips = relu6_clips(graph)
+    statistics = batchnorm_statistics(clips, preactivation)
+    missing = [clip for clip in clips if clip.name not in statistics]
+    if missing and inputs is not None:
+        try:
+            measured = activation_statistics(graph, _opset_model(working), inputs, [c.inputs[0].name for c in missing],
+                                             chunk=_chunk(graph))
+        except ORT_ERRORS as err:
+            raise InputError(f"onnxruntime cannot run the input model for ReLU6 statistics ({first_line(err)})") from None
+        statistics.update({clip.name: (mean, np.sqrt(var)) for clip, (mean, var) in zip(missing, measured)})
+    replaced, kept = replace_rare_clips(clips, statistics)
+    if clips:
+        notes.append(f"--relu6 relu: {len(replaced)} of {len(clips)} Clip(0, max) replaced by Relu (a model change)"
+                     + (f"; kept: " + "; ".join(f"{name} ({reason})" for name, reason in kept) if kept else ""))
+    return replaced
 
 
 def _refine_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], working: onnx.ModelProto,
                        inputs: np.ndarray, say: Callable[[str], None],
                        refit: Callable[[str, np.ndarray], object] | None = None) -> dict[str, QuantizedLayer]:
     """Statistics matching on synthetic inputs (refine.py); the graph must still hold the float weights."""
-    first = graph.inputs[0].shape[0]
-    batch = first if isinstance(first, (int, np.integer)) and first > 0 else 32
-    reference = onnx.ModelProto()
-    reference.opset_import.extend(working.opset_import)
-    reference.ir_version = loadable_ir_version(working, working.ir_version)
+    reference = _opset_model(working)
     state = {name: effective_weights(ql) for name, ql in qlayers.items()}
     try:
-        state = match_statistics(graph, qlayers, state, inputs, reference, chunk=int(batch), log=say, refit=refit)
+        state = match_statistics(graph, qlayers, state, inputs, reference, chunk=_chunk(graph), log=say, refit=refit)
     except ORT_ERRORS as err:
         raise InputError(f"onnxruntime cannot run the input model for statistics matching ({first_line(err)}); "
                          "use --refine none or --refine bias") from None
@@ -420,7 +501,7 @@ def resolve_ternary_threshold(ternary_threshold: str, refine: str) -> str:
     return "optimal" if refine == "refit" else "twn"
 
 
-def _synthetic_inputs(model: onnx.ModelProto, refine: str, synthetic: str, auto_synthetic: bool, samples: int,
+def _synthetic_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], refine: str, synthetic: str, auto_synthetic: bool, samples: int,
                       seed: int, given: np.ndarray | None, notes: list[str],
                       say: Callable[[str], None]) -> tuple[np.ndarray | None, str, str]:
     """The inputs of statistics matching and the refinement and inputs that will actually run.
@@ -428,11 +509,11 @@ def _synthetic_inputs(model: onnx.ModelProto, refine: str, synthetic: str, auto_
     When ``synthetic`` was chosen automatically and distillation fails, pink
     noise and "stats" replace it, with a note.
     """
-    obstacle = _refinement_obstacle(model)
+    obstacle = _refinement_obstacle(model, shapes)
     if obstacle:
         notes.append(f"refinement skipped: {obstacle}")
         return None, "none", synthetic
-    shape = _model_input_shape(model)
+    shape = _model_input_shape(model, shapes)
     if given is not None:
         if list(np.shape(given)[1:]) != shape[1:]:
             raise InputError(f"synthetic_inputs of shape {np.shape(given)} do not fit input {shape}")

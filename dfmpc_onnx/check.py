@@ -55,12 +55,15 @@ def resolve_providers(names: list[str] | tuple[str, ...]) -> list[str]:
     return chosen
 
 
-def random_feed(session: ort.InferenceSession, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Standard normal float inputs (zeros for integer inputs); dynamic dims: batch for the first, 1 otherwise."""
+def random_feed(session: ort.InferenceSession, batch: int, seed: int,
+                shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Standard normal float inputs (zeros for integer inputs) of the shapes in ``shapes``, else the model's,
+    with dynamic dims set to ``batch`` for the first and 1 for the others."""
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(spec.shape)]
+        shape = list((shapes or {}).get(spec.name, ())) or [
+            d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(spec.shape)]
         dtype = _NUMPY_TYPES.get(spec.type)
         if dtype is None:
             raise CheckError(f"input '{spec.name}' has type {spec.type}, which the check cannot feed")
@@ -94,8 +97,9 @@ class ReferenceRun:
 
 
 def run_reference(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
-                  providers: list[str] | tuple[str, ...] = ("cpu",), batch: int = 1, seed: int = 0) -> ReferenceRun:
-    """Run the input model in onnxruntime on one seeded random batch.
+                  providers: list[str] | tuple[str, ...] = ("cpu",), batch: int = 1, seed: int = 0,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> ReferenceRun:
+    """Run the input model in onnxruntime on one seeded random batch (``random_feed``).
 
     ``weights`` are the values of initializers that ``model`` holds without
     data (``load.split_weights``); onnxruntime reads them in place, so the
@@ -120,12 +124,17 @@ def run_reference(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None 
             session = ort.InferenceSession(_session_source(reference, folder), options, providers=chosen)
         except Exception as err:
             raise InputError(f"onnxruntime cannot run the input model: {first_line(err)}") from None
-    feed = random_feed(session, batch, seed)
+    feed = random_feed(session, batch, seed, shapes)
     try:
         outputs = session.run(None, feed)
     except Exception as err:
-        raise InputError(f"onnxruntime cannot run the input model on a random batch: {first_line(err)}") from None
+        shown = "; ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
+        hint = " (set dynamic dims with --input-shape)" if any(
+            not isinstance(d, int) or d <= 0 for spec in session.get_inputs() for d in spec.shape[1:]) else ""
+        raise InputError(f"onnxruntime cannot run the input model on a random batch ({shown}): "
+                         f"{first_line(err)}{hint}") from None
     names = [spec.name for spec in session.get_outputs()]
+    batch = next(iter(feed.values())).shape[0] if feed and next(iter(feed.values())).ndim else batch
     return ReferenceRun(feed, tuple(zip(names, map(np.asarray, outputs))), tuple(chosen), batch)
 
 
@@ -167,7 +176,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 def _session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions; ours is the one line the user sees
     # One small batch: no fused or pre-packed copies of the weights, no memory arena.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.disable_prepacking", "1")

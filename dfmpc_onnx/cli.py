@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "distill when PyTorch is installed and the model has BatchNorm statistics, else pink")
     parser.add_argument("--samples", type=int, default=64, help="number of synthetic inputs (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (default 0)")
+    parser.add_argument("--relu6", choices=("refuse", "pair", "relu"), default="refuse",
+                        help="a Clip(0, 6) between producer and consumer: refuse the pair (default); pair across it "
+                             "(exact, c sits on the producer); relu: first replace each Clip that its input "
+                             "statistics say is rarely reached by Relu (a model change, reported)")
     parser.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the first layer out of pairs, at HIGH bits (default on)")
     parser.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=True,
@@ -68,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", default="cpu",
                         help="comma-separated onnxruntime providers for the check: cpu (default), cuda")
     parser.add_argument("--check-batch", type=int, default=1, help="batch size for dynamic batch dims in the check")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="[NAME:]D0,D1,...",
+                        help="shape for an input with dynamic dims, used by the check and the synthetic inputs "
+                             "(the output keeps the dynamic dims); NAME: is needed for models with several inputs; "
+                             "repeatable")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="also print the time of each stage")
@@ -86,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             ternary_threshold=args.ternary_threshold,
             lambda1=args.lambda1, lambda2=args.lambda2, compensate=args.compensate, placement=args.placement,
             refine=args.refine, synthetic=args.synthetic, samples=args.samples, seed=args.seed,
-            keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,
+            relu6=args.relu6, keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,
             providers=[p.strip() for p in args.providers.split(",") if p.strip()], check_batch=args.check_batch,
+            input_shapes=parse_input_shapes(args.input_shape),
             external_data=args.external_data, keep_failed=args.keep_failed, log=log)
     except (InputError, CheckError) as err:
         kept = " (written anyway: --keep-failed)" if isinstance(err, CheckError) and args.output.exists() \
@@ -113,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
             print("stage times: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in report.timings.items()))
         print(f"wrote {args.output}")
     return 0
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str | None, tuple[int, ...]]:
+    """``--input-shape`` values, "1,3,224,224" or "input:1,3,224,224", as {name or None: dims}."""
+    shapes: dict[str | None, tuple[int, ...]] = {}
+    for spec in specs:
+        name, _, dims = spec.rpartition(":")
+        try:
+            shapes[name or None] = tuple(int(d) for d in dims.replace("x", ",").split(","))
+        except ValueError:
+            raise InputError(f"--input-shape: '{spec}' is not [NAME:]D0,D1,... with integer dims") from None
+    return shapes
 
 
 def _write_report(report: Report, path: Path) -> None:

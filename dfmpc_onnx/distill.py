@@ -16,7 +16,7 @@ exporters emit around Pad, say) are first evaluated once in onnxruntime.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -28,13 +28,17 @@ from .synthetic import pink_noise
 
 
 def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int = 300, learning_rate: float = 0.1,
+                   input_shape: Sequence[int] | None = None,
                    log: Callable[[str], None] | None = None) -> np.ndarray:
-    """``samples`` inputs distilled from ``model``'s BatchNormalization statistics (float, unfolded model)."""
+    """``samples`` inputs distilled from ``model``'s BatchNormalization statistics (float, unfolded model).
+
+    ``input_shape`` (the dims after the batch dim) replaces the input's own where they are dynamic.
+    """
     try:
         import torch
     except ImportError:
         raise InputError("--synthetic distill needs PyTorch: pip install 'dfmpc-onnx[distill]'") from None
-    graph = fold_constant_subgraphs(gs.import_onnx(with_batch_size(model, samples)))
+    graph = fold_constant_subgraphs(gs.import_onnx(with_input_shape(model, samples, input_shape)))
     if not [n for n in graph.nodes if n.op == "BatchNormalization"]:
         raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
                          "this model has none (use --synthetic pink)")
@@ -55,15 +59,17 @@ def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int =
     return x.detach().numpy().astype(np.float32)
 
 
-def with_batch_size(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A copy of ``model`` whose first input has batch dim ``batch``, with shapes inferred again."""
+def with_input_shape(model: onnx.ModelProto, batch: int, dims: Sequence[int] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose first input has batch dim ``batch`` (and ``dims`` after it, if given),
+    with shapes inferred again."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     del copy.graph.value_info[:]
-    dims = copy.graph.input[0].type.tensor_type.shape.dim
-    if dims:
-        dims[0].Clear()
-        dims[0].dim_value = batch
+    shape = copy.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in zip(shape, [batch, *(dims or [d.dim_value for d in shape[1:]])]):
+        if value > 0:
+            dim.Clear()
+            dim.dim_value = int(value)
     return onnx.shape_inference.infer_shapes(copy, data_prop=True)
 
 
@@ -93,7 +99,7 @@ def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
     model = gs.export_onnx(sub.copy(), do_type_check=False)
     model.ir_version = min(model.ir_version, 10)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions; ours is the one line the user sees
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     values = session.run([t.name for t in wanted], {})
     for tensor, value in zip(wanted, values):

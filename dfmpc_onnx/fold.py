@@ -71,7 +71,7 @@ def _fold_one(graph: gs.Graph, bn: gs.Node) -> str | tuple[str, np.ndarray, np.n
     if len(source.inputs) != 1 or source.inputs[0].op != "Conv":
         return "not directly after a Conv"
     conv = source.inputs[0]
-    if len(source.outputs) != 1:
+    if len(source.outputs) != 1 or source in graph.outputs:
         return f"the output of {conv.name} has other consumers"
     if any(out.outputs or out in graph.outputs for out in bn.outputs[1:]):
         return "running-statistics outputs are used (training mode)"

@@ -58,37 +58,50 @@ class PairSearch:
     refusals: tuple[Refusal, ...]
 
 
-def find_pairs(graph: gs.Graph, layers: dict[str, Layer], fixed: dict[str, str]) -> PairSearch:
+def find_pairs(graph: gs.Graph, layers: dict[str, Layer], fixed: dict[str, str], relu6: str = "refuse") -> PairSearch:
     """Pair the layers of ``graph`` (``layers`` in topological order).
 
     ``fixed`` maps layer names that may not join any pair (first layer,
-    last layer, excluded) to the reason, which is reported.
+    last layer, excluded) to the reason, which is reported. ``relu6``
+    "pair" lets a chain pass Clip(0, hi) (ReLU6): not positively homogeneous,
+    but exact when c is applied on the producer, where the clip sees the
+    compensated output; "refuse" (default) ends the chain there.
     """
     graph_outputs = {t.name for t in graph.outputs}
-    taken: dict[str, str] = {}
+    producers: dict[str, str] = {}  # producer -> its consumer
+    slices: dict[str, list[tuple[int, int, str]]] = {}  # consumer -> (first, end, producer) input features
     pairs: list[Pair] = []
     refusals: list[Refusal] = []
     for name, layer in layers.items():
-        if name in taken:
-            continue
+        if name in slices:
+            continue  # a consumer stays high-bit: it compensates its producers
         if name in fixed:
             refusals.append(Refusal(name, None, fixed[name]))
             continue
-        link = trace_consumer(layer, layers, graph_outputs)
+        link = trace_consumer(layer, layers, graph_outputs, relu6)
         if isinstance(link, Refusal):
             refusals.append(link)
-        elif link.consumer in fixed:
+            continue
+        first, end = link.offset, link.offset + layer.out_channels * link.block
+        clash = next((p for a, b, p in slices.get(link.consumer, []) if a < end and first < b), None)
+        if link.consumer in fixed:
             refusals.append(Refusal(name, link.consumer, f"consumer {link.consumer}: {fixed[link.consumer]}"))
-        elif link.consumer in taken:
-            refusals.append(Refusal(name, link.consumer, f"consumer {link.consumer} is already {taken[link.consumer]}"))
+        elif link.consumer in producers:
+            refusals.append(Refusal(name, link.consumer, f"consumer {link.consumer} is already the producer of "
+                                                         f"the pair with {producers[link.consumer]}"))
+        elif clash is not None:
+            refusals.append(Refusal(name, link.consumer, f"consumer {link.consumer} already compensates these "
+                                                         f"input channels for {clash}"))
         else:
+            # Producers reaching disjoint slices of one consumer (Concat) all pair with it.
             pairs.append(link)
-            taken[name] = f"the producer of the pair with {link.consumer}"
-            taken[link.consumer] = f"the consumer of the pair with {name}"
+            producers[name] = link.consumer
+            slices.setdefault(link.consumer, []).append((first, end, name))
     return PairSearch(pairs=tuple(pairs), refusals=tuple(refusals))
 
 
-def trace_consumer(producer: Layer, layers: dict[str, Layer], graph_outputs: set[str]) -> Pair | Refusal:
+def trace_consumer(producer: Layer, layers: dict[str, Layer], graph_outputs: set[str],
+                   relu6: str = "refuse") -> Pair | Refusal:
     """Follow P's output forward to the weighted layer that consumes it, or say why not."""
     name = producer.name
     if producer.op == "Gemm" and (producer.node.attrs.get("alpha", 1.0) != 1.0 or producer.node.attrs.get("beta", 1.0) != 1.0):
@@ -106,7 +119,7 @@ def trace_consumer(producer: Layer, layers: dict[str, Layer], graph_outputs: set
         node = users[0]
         if node.name in layers:
             return _as_consumer(producer, layers[node.name], tensor, offset, block, tuple(path))
-        step = channel_step(node, tensor, offset, block)
+        step = channel_step(node, tensor, offset, block, relu6)
         if isinstance(step, str):
             return Refusal(name, None, f"{step} (after {name})")
         tensor, offset, block = step
@@ -131,12 +144,18 @@ def _as_consumer(producer: Layer, consumer: Layer, tensor: gs.Tensor, offset: in
     return Pair(producer.name, consumer.name, offset, block, path)
 
 
-def channel_step(node: gs.Node, tensor: gs.Tensor, offset: int, block: int) -> tuple[gs.Tensor, int, int] | str:
+def channel_step(node: gs.Node, tensor: gs.Tensor, offset: int, block: int,
+                 relu6: str = "refuse") -> tuple[gs.Tensor, int, int] | str:
     """Pass ``tensor`` through ``node`` keeping track of where P's channels are; a reason string if they are lost."""
     op = node.op
     label = f"{op} {node.name}"
     if op == "Clip":
-        return f"Relu6/{label} is not positively homogeneous"
+        bounds = clip_bounds(node)
+        if relu6 != "pair":
+            return f"Relu6/{label} is not positively homogeneous (--relu6 pair passes it)"
+        if bounds is None or bounds[0] != 0.0 or not np.isfinite(bounds[1]):
+            return f"{label} is not a constant Clip(0, max)"
+        return node.outputs[0], offset, block
     if op == "BatchNormalization":
         return f"{label} (not folded) adds a per-channel shift, which is not positively homogeneous"
     if op in ("Add", "Sub", "Mul", "Div", "Sum"):
@@ -162,6 +181,22 @@ def channel_step(node: gs.Node, tensor: gs.Tensor, offset: int, block: int) -> t
             return f"{label} is not along channels, repeats the input, or has unknown shapes"
         offset += shifted
     return node.outputs[0], offset, block
+
+
+def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """(min, max) of a Clip node from its attributes (opset < 11) or constant inputs; None if not constant."""
+    if len(node.inputs) <= 1:
+        return float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
+    values = []
+    for index, default in ((1, -np.inf), (2, np.inf)):
+        if len(node.inputs) > index and node.inputs[index].name:
+            value = constant_value(node.inputs[index])
+            if value is None or np.asarray(value).size != 1:
+                return None
+            values.append(float(np.asarray(value).reshape(-1)[0]))
+        else:
+            values.append(default)
+    return values[0], values[1]
 
 
 def _pad_keeps_channels(node: gs.Node) -> str | None:

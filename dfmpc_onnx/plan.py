@@ -51,9 +51,13 @@ class QuantizedLayer:
 
 
 def assign_roles(layer_names: list[str], pairs: tuple[Pair, ...]) -> dict[str, tuple[str, str | None]]:
-    """(role, partner) for every layer name: producers low, consumers high, the rest kept."""
+    """(role, partner) for every layer name: producers low, consumers high, the rest kept.
+
+    A consumer fed by several producers through a Concat names them all, comma-separated.
+    """
     roles: dict[str, tuple[str, str | None]] = {name: ("kept", None) for name in layer_names}
     for pair in pairs:
         roles[pair.producer] = ("low", pair.consumer)
-        roles[pair.consumer] = ("high", pair.producer)
+        earlier = roles[pair.consumer][1] if roles[pair.consumer][0] == "high" else None
+        roles[pair.consumer] = ("high", f"{earlier}, {pair.producer}" if earlier else pair.producer)
     return roles

@@ -137,6 +137,13 @@ def _rescale(entry: tuple[QuantizedWeight, np.ndarray | None], m_f, v_f, m_q, v_
     return q.with_scale(q.scale * a), new_bias.astype(np.float32)
 
 
+def activation_statistics(graph: gs.Graph, opset_model: onnx.ModelProto, inputs: np.ndarray, names: list[str],
+                          chunk: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and variance of the named tensors of ``graph`` (float) over ``inputs``."""
+    session = _session(_with_outputs(graph, names), opset_model)
+    return _channel_statistics(session, session.get_inputs()[0].name, inputs, names, {}, chunk)
+
+
 def _channel_statistics(session: ort.InferenceSession, input_name: str, inputs: np.ndarray, names: list[str],
                         feed: dict[str, np.ndarray], chunk: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-channel (axis 1) mean and variance of each named output over all of ``inputs``."""
@@ -208,7 +215,7 @@ def _session(graph: gs.Graph, opset_model: onnx.ModelProto) -> ort.InferenceSess
     model.opset_import.extend(opset_model.opset_import)
     model.ir_version = opset_model.ir_version
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions; ours is the one line the user sees
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -56,6 +56,8 @@ class Report:
     kept_batchnorm: list[tuple[str, str]]
     weight_bytes_before: int
     weight_bytes_after: int
+    relu6: str = "refuse"
+    replaced_clips: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     check: CheckResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -98,6 +100,8 @@ class Report:
             + (f" on {self.samples} {self.synthetic} inputs, seed {self.seed})" if self.samples else ")"),
             f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, "
             f"{self.count('high')} high, {self.count('kept')} kept at high bits; {self.count('float')} left float",
+            f"ReLU6 (Clip) handling: {self.relu6}"
+            + (f" ({len(self.replaced_clips)} replaced by Relu)" if self.replaced_clips else ""),
             f"BatchNormalization folded: {len(self.folded_batchnorm)}"
             + (f", kept: {len(self.kept_batchnorm)}" if self.kept_batchnorm else ""),
             f"weight bytes: {self.weight_bytes_before:,} -> {self.weight_bytes_after:,}"

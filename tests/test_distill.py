@@ -79,3 +79,13 @@ def test_default_with_pytorch_is_refit_on_distilled_inputs_and_deterministic(tor
     b, _ = quantize(residual_model(), "2/6", check=False, samples=8)
     assert (report.synthetic, report.refine) == ("distill", "refit")
     assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_distill_dynamic_spatial_dims_take_the_given_shape(torch):
+    model = chain_model()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    with pytest.raises(Exception):
+        distill_inputs(load_model(model), samples=2, seed=0, steps=1)
+    x = distill_inputs(load_model(model), samples=2, seed=0, steps=2, input_shape=(3, 12, 10))
+    assert x.shape == (2, 3, 12, 10)

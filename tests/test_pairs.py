@@ -58,9 +58,9 @@ def test_depthwise_consumer_and_concat_offset():
     cat = g.node("Concat", [a, b], axis=1)
     out = g.conv(cat, 10, 10, group=10, name="dw")
     result = search(g.model(out))
-    assert pair_names(result) == [("a", "dw")]
-    assert result.pairs[0].offset == 0
-    # b is refused because dw is taken; its offset would have been 4
+    # both producers compensate through dw, on disjoint channel slices
+    assert pair_names(result) == [("a", "dw"), ("b", "dw")]
+    assert [p.offset for p in result.pairs] == [0, 4]
     g2 = GraphBuilder()
     a = g2.node("Relu", [g2.conv("x", 3, 4, name="a")])
     pad = g2.node("Pad", [a, g2.const_int("pads", [0, 0, 1, 1, 0, 0, 1, 1])], mode="constant")

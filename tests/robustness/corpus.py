@@ -189,6 +189,14 @@ def _dynamic_spatial() -> onnx.ModelProto:
     return model
 
 
+def _conv_output_is_graph_output() -> onnx.ModelProto:
+    """conv1's output feeds its BatchNormalization and is also a graph output (found by tools/fuzz.py)."""
+    model = chain_model()
+    conv = next(n for n in model.graph.node if n.name == "conv1")
+    model.graph.output.append(helper.make_tensor_value_info(conv.output[0], TensorProto.FLOAT, [1, 8, 8, 8]))
+    return model
+
+
 def _several_inputs_outputs() -> onnx.ModelProto:
     g = GraphBuilder()
     g.input = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
@@ -333,8 +341,15 @@ CASES = [
     *[Case(f"grouped-{group}", _model(_grouped(group)), 0, r"pairs found") for group in (2, 4, 8)],
     Case("conv-1d", _model(_conv_nd(1)), 0, r"pairs found: 1"),
     Case("conv-3d", _model(_conv_nd(3)), 0, r"pairs found: 1"),
-    Case("dynamic-spatial-dims", _model(_dynamic_spatial), 0, r"pairs found: 2"),
+    Case("dynamic-spatial-dims", _model(_dynamic_spatial), 0, r"refinement skipped: .*--input-shape"),
+    Case("dynamic-spatial-dims-input-shape", _model(_dynamic_spatial, "--input-shape", "2,3,16,16"), 0,
+         r"refinement stats on 8 pink inputs"),
+    Case("input-shape-wrong-rank", _model(_dynamic_spatial, "--input-shape", "3,16,16"), 2, "does not fit"),
+    Case("input-shape-clashes-static-dim", _model(chain_model, "--input-shape", "1,3,9,9"), 2, "does not fit"),
+    Case("input-shape-unknown-input", _model(chain_model, "--input-shape", "y:1,3,8,8"), 2, "no input 'y'"),
+    Case("input-shape-not-numbers", _model(chain_model, "--input-shape", "1,3,a,8"), 2, "integer dims"),
     Case("several-inputs-and-outputs", _model(_several_inputs_outputs), 0, r"refinement skipped"),
+    Case("conv-output-is-graph-output", _model(_conv_output_is_graph_output), 0, r"other consumers"),
     Case("no-weighted-layers", _model(_no_weighted_layers), 2, r"no Conv, Gemm or MatMul"),
     Case("float16-conv", _model(_float16), 0, r"conv16 .*float"),
     Case("residual-scheme-3-6", _model(residual_model, "--scheme", "3/6"), 0, r"pairs found: 1"),

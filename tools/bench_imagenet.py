@@ -1,0 +1,113 @@
+"""ImageNet benchmark: EfficientNet-Lite0 float vs quantized top-1 on the shared one-image-per-class sample.
+
+    python tools/bench_imagenet.py --readme
+    python tools/bench_imagenet.py --schemes 4/8 --relu6 refuse pair
+
+For each scheme: uncompensated rounding, the paper's method, and the tool's
+defaults under each ReLU6 choice (``--relu6 refuse|pair|relu``), with file
+sizes and the tool's wall time, as a Markdown table and JSON. Reads
+../shared/models/imagenet_efficientnet_lite0.onnx and
+../shared/data/imagenet_sample224_jpeg.npz (decoded with Pillow) and exits
+with a message when they are absent. The images are used for scoring only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dfmpc_onnx
+from bench_accuracy import ROOT, SHARED, replace_between_markers, top1
+
+MODEL = SHARED / "models" / "imagenet_efficientnet_lite0.onnx"
+DATA = SHARED / "data" / "imagenet_sample224_jpeg.npz"
+RELU6 = ("refuse", "pair", "relu")
+
+
+def load_sample() -> tuple[np.ndarray, np.ndarray]:
+    """N x 3 x 224 x 224 float32 scaled as (x - 127) / 128 (the shared README), and labels."""
+    from PIL import Image
+
+    data = np.load(DATA)
+    blob, offsets = data["jpeg"], data["offsets"]
+    images = [np.asarray(Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+              for i in range(len(offsets) - 1)]
+    x = (np.stack(images).astype(np.float32) - 127.0) / 128.0
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), data["y"].astype(np.int64)
+
+
+def methods(relu6_choices: list[str]) -> list[tuple[str, dict]]:
+    rows = [("Original (rounding)", dict(compensate=False, refine="none")),
+            ("DF-MPC (paper), --relu6 refuse", dict(refine="none"))]
+    rows += [(f"default, --relu6 {choice}", dict(relu6=choice)) for choice in relu6_choices]
+    return rows
+
+
+def run(schemes: list[str], relu6_choices: list[str], workdir: Path) -> list[dict]:
+    images, labels = load_sample()
+    results = [dict(scheme="float", method="Float", bytes=MODEL.stat().st_size, seconds=None,
+                    top1=top1(MODEL, images, labels, batch=50))]
+    print(_line(results[-1]), flush=True)
+    for scheme in schemes:
+        for label, options in methods(relu6_choices):
+            out = workdir / f"lite0-{len(results)}.onnx"
+            start = time.perf_counter()
+            report = dfmpc_onnx.quantize_file(MODEL, out, scheme=scheme, check=False, **options)
+            seconds = time.perf_counter() - start
+            results.append(dict(scheme=scheme, method=label, bytes=out.stat().st_size, seconds=round(seconds, 2),
+                                pairs=len(report.pairs), low_layers=report.count("low"),
+                                replaced_clips=len(report.replaced_clips), refine=report.refine,
+                                synthetic=report.synthetic, top1=top1(out, images, labels, batch=50)))
+            print(_line(results[-1]), flush=True)
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| model | scheme | method | pairs | Clips replaced | top-1 ImageNet sample (%) | file size (bytes) "
+             "| tool time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"| efficientnet_lite0 | {r['scheme']} | {r['method']} | {r.get('pairs', '-')} "
+                     f"| {r.get('replaced_clips', '-')} | {r['top1']:.1f} | {r['bytes']:,} | {seconds} |")
+    return "\n".join(lines)
+
+
+def _line(row: dict) -> str:
+    return (f"lite0 {row['scheme']:5s} {row['method']:34s} pairs {row.get('pairs', '-')!s:>3}  "
+            f"top-1 {row['top1']:5.1f} %  {row['bytes']:>11,} bytes  {row['seconds'] or 0:7.1f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schemes", nargs="+", default=["4/8", "3/6", "2/6"])
+    parser.add_argument("--relu6", nargs="+", choices=RELU6, default=list(RELU6))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table and JSON")
+    parser.add_argument("--readme", action="store_true",
+                        help="also put the table into README.md between its imagenet markers")
+    args = parser.parse_args()
+    if not MODEL.exists() or not DATA.exists():
+        print(f"skipped: {MODEL} or {DATA} is absent", file=sys.stderr)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        results = run(args.schemes, args.relu6, Path(workdir))
+    table = markdown(results)
+    (args.out / "imagenet.md").write_text(table + "\n")
+    (args.out / "imagenet.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table)
+    if args.readme:
+        command = "python tools/bench_imagenet.py " + " ".join(sys.argv[1:])
+        replace_between_markers(ROOT / "README.md", "imagenet", f"Generated by `{command.strip()}`:\n\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
