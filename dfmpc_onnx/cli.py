@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "Default 2/6")
     parser.add_argument("--format", choices=("qdq", "float"), default="qdq",
                         help="qdq: integer weights + DequantizeLinear (default); float: dequantized float weights")
-    parser.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
-                        help="quantizer scales per tensor (the paper, default) or per output channel")
+    parser.add_argument("--granularity", choices=("auto", "tensor", "channel"), default="auto",
+                        help="quantizer scales per tensor (the paper) or per output channel; auto (default): per "
+                             "tensor for ternary layers, per channel for k-bit layers")
     parser.add_argument("--ternary-threshold", choices=("auto", "twn", "optimal"), default="auto",
                         help="twn: Delta = 0.7 mean|W| (Eq. 4); optimal: the exact least-squares threshold; "
                              "auto (default): optimal with --refine refit, else twn")

@@ -108,3 +108,19 @@ def test_same_input_same_bytes():
     a, _ = quantize(residual_model(), "2/6", check=False, synthetic="pink")
     b, _ = quantize(residual_model(), "2/6", check=False, synthetic="pink")
     assert a.SerializeToString() == b.SerializeToString()
+
+
+@pytest.mark.parametrize("granularity,ternary_per_channel,high_per_channel",
+                         [("tensor", False, False), ("channel", True, True), ("auto", False, True)])
+def test_granularity_auto_is_per_tensor_ternary_and_per_channel_k_bit(granularity, ternary_per_channel,
+                                                                      high_per_channel):
+    model, report = quantize(chain_model(), "2/6", granularity=granularity, refine="none", compensate=False,
+                             check=False)
+    values = initializers(model)
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    roles = {layer.name: layer.role for layer in report.layers}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input[1] in dq:
+            scales = np.unique(values[dq[node.input[1]].input[1]])
+            per_channel = ternary_per_channel if roles[node.name] == "low" else high_per_channel
+            assert (len(scales) > 1) is per_channel, (node.name, roles[node.name], scales)

@@ -78,7 +78,8 @@ def distilled_inputs(source: Path, samples: int = 64, seed: int = 0) -> tuple[np
     return inputs, time.perf_counter() - start
 
 
-def run(models: list[str], schemes: list[str], methods: list[str], datasets: list[str], workdir: Path) -> list[dict]:
+def run(models: list[str], schemes: list[str], methods: list[str], datasets: list[str], workdir: Path,
+        granularity: str = "auto") -> list[dict]:
     data = {name: load_cifar(name) for name in datasets}
     results = []
     for model in models:
@@ -101,7 +102,8 @@ def run(models: list[str], schemes: list[str], methods: list[str], datasets: lis
                     extra, seconds = {"synthetic_inputs": distilled}, distill_seconds
                 out = workdir / f"{model}-{len(results)}.onnx"
                 start = time.perf_counter()
-                report = dfmpc_onnx.quantize_file(source, out, scheme=scheme, check=False, **options, **extra)
+                report = dfmpc_onnx.quantize_file(source, out, scheme=scheme, check=False, granularity=granularity,
+                                                  **options, **extra)
                 seconds += time.perf_counter() - start
                 row = dict(model=model, scheme=scheme, method=label, bytes=out.stat().st_size,
                            seconds=round(seconds, 2), low_layers=report.count("low"),
@@ -134,6 +136,8 @@ def main() -> int:
     parser.add_argument("--schemes", nargs="+", default=["2/6", "3/6", "4/8"])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=["exact846", "jpeg10k"])
+    parser.add_argument("--granularity", choices=("auto", "tensor", "channel"), default="auto",
+                        help="quantizer scales for every quantized row (default auto, the tool's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table and JSON")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its results markers")
@@ -144,7 +148,7 @@ def main() -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
-        results = run(args.models, args.schemes, args.methods, args.data, Path(workdir))
+        results = run(args.models, args.schemes, args.methods, args.data, Path(workdir), args.granularity)
     table = markdown(results, args.data)
     (args.out / "accuracy.md").write_text(table + "\n")
     (args.out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -3,8 +3,8 @@
 Every case writes its files into an empty folder and returns the command-line
 arguments to run there. ``status`` is the expected exit status and
 ``pattern`` a regular expression that the one stderr line (failures) or the
-printed report (successes) must match. ``python tools/make_corpus.py DIR``
-writes the whole corpus to a folder for use outside pytest.
+printed report (successes) must match. Cases marked "found by
+tools/fuzz.py" are inputs on which the fuzzer once broke the tool.
 """
 
 from __future__ import annotations
