@@ -33,7 +33,7 @@ from .load import load_model, split_weights
 from .pairs import find_pairs
 from .relu6 import batchnorm_statistics, relu6_clips, replace_rare_clips
 from .plan import QuantizedLayer, Scheme, assign_roles
-from .quantizers import TERNARY_THRESHOLDS, quantize_rows, sqnr_db
+from .quantizers import KBIT_RANGES, TERNARY_THRESHOLDS, quantize_rows, sqnr_db
 from .refine import activation_statistics, correct_bias, expected_input, match_statistics
 from .report import LayerReport, Report, initializer_bytes
 from .synthetic import synthetic_batch
@@ -58,6 +58,7 @@ def quantize(
     format: str = "qdq",
     granularity: str = "auto",
     ternary_threshold: str = "auto",
+    kbit_range: str = "max",
     lambda1: float = 0.5,
     lambda2: float = 0.0,
     compensate: bool = True,
@@ -112,6 +113,8 @@ def quantize(
     scheme = scheme if isinstance(scheme, Scheme) else _parse_scheme(scheme)
     _validate_options(format, granularity, lambda1, lambda2, placement, check_batch)
     _validate_refinement(refine, synthetic, samples)
+    if kbit_range not in KBIT_RANGES:
+        raise InputError(f"--kbit-range must be one of {', '.join(KBIT_RANGES)}, not '{kbit_range}'")
     if ternary_threshold not in TERNARY_THRESHOLDS + ("auto",):
         raise InputError(f"--ternary-threshold must be one of auto, {', '.join(TERNARY_THRESHOLDS)}")
     if placement != "producer" and (format == "qdq" or refine != "none" or relu6 == "pair"):
@@ -181,7 +184,7 @@ def quantize(
     per_channel = {name: per_channel_scales(granularity, bits[name]) for name in layers}
     rows = {name: to_rows(layer.weight, layer.out_axis) for name, layer in layers.items()}
     quantized = {name: quantize_rows(rows[name], bits[name], per_channel[name],
-                                     ternary_threshold)
+                                     ternary_threshold, kbit_range)
                  for name in layers}
     lap("quantize")
 
@@ -196,7 +199,8 @@ def quantize(
     lap("solve")
 
     if refine != "none" and qlayers:
-        qlayers = _refine(graph, qlayers, folding.preactivation, working, scheme, per_channel, refine, inputs, say)
+        qlayers = _refine(graph, qlayers, folding.preactivation, working, scheme, per_channel, kbit_range, refine,
+                          inputs, say)
         lap("refine")
 
     if format == "qdq":
@@ -228,7 +232,7 @@ def quantize(
         pairs=list(search.pairs), refusals=list(search.refusals),
         folded_batchnorm=list(folding.folded), kept_batchnorm=list(folding.kept),
         weight_bytes_before=weight_bytes_before, weight_bytes_after=initializer_bytes(result),
-        relu6=relu6, replaced_clips=replaced_clips, notes=notes, check=check_result, timings=timings)
+        relu6=relu6, kbit_range=kbit_range, replaced_clips=replaced_clips, notes=notes, check=check_result, timings=timings)
     if not search.pairs:
         report.notes.append("no quantizable pair: every layer was quantized at the HIGH bit width")
     return result, report
@@ -544,14 +548,15 @@ def _synthetic_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
 
 
 def _refine(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], preactivation: dict, working: onnx.ModelProto,
-            scheme: Scheme, per_channel: dict[str, bool], refine: str, inputs: np.ndarray | None,
+            scheme: Scheme, per_channel: dict[str, bool], kbit_range: str, refine: str, inputs: np.ndarray | None,
             say: Callable[[str], None]) -> dict[str, QuantizedLayer]:
     """The refinement stage: BatchNorm bias correction, or statistics matching (with refit) on ``inputs``."""
     if refine == "bias":
         return _correct_biases(qlayers, preactivation)
     refit = None
     if refine == "refit":
-        refit = lambda name, weight_rows: quantize_rows(weight_rows, scheme.high, per_channel[name])
+        refit = lambda name, weight_rows: quantize_rows(weight_rows, scheme.high, per_channel[name],
+                                                        weight_range=kbit_range)
     return _refine_statistics(graph, qlayers, working, inputs, say, refit)
 
 

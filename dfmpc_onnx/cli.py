@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ternary-threshold", choices=("auto", "twn", "optimal"), default="auto",
                         help="twn: Delta = 0.7 mean|W| (Eq. 4); optimal: the exact least-squares threshold; "
                              "auto (default): optimal with --refine refit, else twn")
+    parser.add_argument("--kbit-range", choices=("max", "mse"), default="max",
+                        help="M of the k-bit quantizer (Eq. 6): max|W| (the paper, default) or the clipped range "
+                             "with the least squared error")
     parser.add_argument("--lambda1", type=float, default=0.5, help="weight of the bias term (default 0.5)")
     parser.add_argument("--lambda2", type=float, default=0.0, help="weight of the ||c||^2 term (default 0)")
     parser.add_argument("--no-compensation", dest="compensate", action="store_false",
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{args.report}: report folder does not exist")
         report = quantize_file(
             args.input, args.output, scheme=args.scheme, format=args.format, granularity=args.granularity,
-            ternary_threshold=args.ternary_threshold,
+            ternary_threshold=args.ternary_threshold, kbit_range=args.kbit_range,
             lambda1=args.lambda1, lambda2=args.lambda2, compensate=args.compensate, placement=args.placement,
             refine=args.refine, synthetic=args.synthetic, samples=args.samples, seed=args.seed,
             relu6=args.relu6, keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,

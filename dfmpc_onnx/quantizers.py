@@ -79,14 +79,19 @@ def optimal_ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> Qua
     return QuantizedWeight(codes, scale, bits=2, storage_bits=2)
 
 
-def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False) -> QuantizedWeight:
+KBIT_RANGES = ("max", "mse")
+
+
+def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, weight_range: str = "max") -> QuantizedWeight:
     """k-bit uniform weights, Eq. 6 (DoReFa-Net):
 
         Q_k(W) = M (2/(2^k - 1) round((2^k - 1)(W/(2M) + 1/2)) - 1),  M = max(|W|)
 
     The 2^k levels are M q / (2^k - 1) for odd q in [-(2^k - 1), 2^k - 1]:
     codes are q, scale is M / (2^k - 1), stored in a signed (k+1)-bit integer.
-    M is taken per tensor (the paper) or per output channel.
+    M is taken per tensor (the paper) or per output channel. ``weight_range``
+    "mse" replaces M = max|W| by the alpha M (alpha in [0.3, 1]) that
+    minimises the squared error, clipping the few largest weights.
     """
     if bits < 1:
         raise ValueError(f"bit width must be at least 1, got {bits}")
@@ -94,21 +99,37 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False) -> Q
     w = rows.astype(np.float64)
     axis = 1 if per_channel else None
     m = np.abs(w).max(axis=axis, keepdims=True) if w.size else np.zeros((1, 1))
+    if weight_range == "mse" and w.size:
+        m = mse_range(w, m, levels, axis)
     safe_m = np.where(m > 0, m, 1.0)
-    steps = np.rint(levels * (w / (2 * safe_m) + 0.5))
+    steps = np.clip(np.rint(levels * (w / (2 * safe_m) + 0.5)), 0, levels)
     codes = (2 * steps - levels).astype(np.int32)
     scale = np.broadcast_to((m / levels).reshape(-1), (rows.shape[0],)).copy()
     return QuantizedWeight(codes.astype(_int_type(bits + 1)), scale, bits=bits, storage_bits=bits + 1)
 
 
+def mse_range(w: np.ndarray, m: np.ndarray, levels: int, axis: int | None, grid: int = 36) -> np.ndarray:
+    """The range alpha M, alpha on a grid in [0.3, 1], with the least squared error of Eq. 6 (per row or tensor)."""
+    best, best_error = m.copy(), np.full(m.shape, np.inf)
+    for alpha in np.linspace(0.3, 1.0, grid):
+        trial = m * alpha
+        safe = np.where(trial > 0, trial, 1.0)
+        steps = np.clip(np.rint(levels * (w / (2 * safe) + 0.5)), 0, levels)
+        error = np.square(w - (2 * steps - levels) * safe / levels).sum(axis=axis, keepdims=True)
+        better = error < best_error
+        best, best_error = np.where(better, trial, best), np.where(better, error, best_error)
+    return best
+
+
 TERNARY_THRESHOLDS = ("twn", "optimal")
 
 
-def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary: str = "twn") -> QuantizedWeight:
+def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary: str = "twn",
+                  weight_range: str = "max") -> QuantizedWeight:
     """Ternary for 2 bits (Eqs. 3-4, or the optimal threshold), DoReFa for 3 bits and more (Eq. 6)."""
     if bits == 2:
         return optimal_ternary_quantize(rows, per_channel) if ternary == "optimal" else ternary_quantize(rows, per_channel)
-    return dorefa_quantize(rows, bits, per_channel)
+    return dorefa_quantize(rows, bits, per_channel, weight_range)
 
 
 def _int_type(storage_bits: int) -> type:

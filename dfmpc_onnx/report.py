@@ -57,6 +57,7 @@ class Report:
     weight_bytes_before: int
     weight_bytes_after: int
     relu6: str = "refuse"
+    kbit_range: str = "max"
     replaced_clips: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     check: CheckResult | None = None
@@ -95,6 +96,7 @@ class Report:
     def format_summary(self) -> str:
         lines = [
             f"scheme {self.scheme} ({self.format}, {self.granularity} scales, {self.ternary_threshold} ternary threshold, "
+            f"k-bit range {self.kbit_range}, "
             f"compensation {'lambda1=%g lambda2=%g' % (self.lambda1, self.lambda2) if self.compensation else 'off'}, "
             f"refinement {self.refine}"
             + (f" on {self.samples} {self.synthetic} inputs, seed {self.seed})" if self.samples else ")"),

@@ -105,3 +105,14 @@ def test_optimal_ternary_is_no_worse_than_twn_and_beats_every_threshold(w, per_c
         if np.any(group > 0) else 0.0
     got = error(best)[0] if per_channel else error(best)
     assert got <= brute + 1e-6 * (1 + np.sum(group**2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(3, 8), st.booleans(), st.integers(0, 2**16))
+def test_mse_range_never_has_more_error_than_max_range(bits, per_channel, seed):
+    w = np.random.default_rng(seed).standard_t(3, size=(6, 40)).astype(np.float32)
+    plain = dorefa_quantize(w, bits, per_channel)
+    clipped = dorefa_quantize(w, bits, per_channel, "mse")
+    error = lambda q: np.square(w - q.dequantize()).sum(axis=1 if per_channel else None)
+    assert np.all(error(clipped) <= error(plain) * (1 + 1e-9) + 1e-12)
+    assert len(np.unique(clipped.codes)) <= 2**bits
