@@ -29,6 +29,12 @@ from bench_accuracy import ROOT, SHARED, replace_between_markers, top1
 MODEL = SHARED / "models" / "imagenet_efficientnet_lite0.onnx"
 DATA = SHARED / "data" / "imagenet_sample224_jpeg.npz"
 RELU6 = ("refuse", "pair", "relu")
+VARIANTS = {  # further rows, on request (--variants)
+    "tensor": ("per-tensor scales, --refine none", dict(granularity="tensor", refine="none")),
+    "mse-none": ("--kbit-range mse, --refine none", dict(kbit_range="mse", refine="none")),
+    "mse": ("--kbit-range mse, default refinement", dict(kbit_range="mse")),
+    "refit-pink": ("--refine refit --synthetic pink", dict(refine="refit", synthetic="pink")),
+}
 
 
 def load_sample() -> tuple[np.ndarray, np.ndarray]:
@@ -43,20 +49,20 @@ def load_sample() -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), data["y"].astype(np.int64)
 
 
-def methods(relu6_choices: list[str]) -> list[tuple[str, dict]]:
+def methods(relu6_choices: list[str], variants: list[str]) -> list[tuple[str, dict]]:
     rows = [("Original (rounding)", dict(compensate=False, refine="none")),
             ("DF-MPC (paper), --relu6 refuse", dict(refine="none"))]
     rows += [(f"default, --relu6 {choice}", dict(relu6=choice)) for choice in relu6_choices]
-    return rows
+    return rows + [VARIANTS[key] for key in variants]
 
 
-def run(schemes: list[str], relu6_choices: list[str], workdir: Path) -> list[dict]:
+def run(schemes: list[str], relu6_choices: list[str], workdir: Path, variants: list[str] = ()) -> list[dict]:
     images, labels = load_sample()
     results = [dict(scheme="float", method="Float", bytes=MODEL.stat().st_size, seconds=None,
                     top1=top1(MODEL, images, labels, batch=50))]
     print(_line(results[-1]), flush=True)
     for scheme in schemes:
-        for label, options in methods(relu6_choices):
+        for label, options in methods(relu6_choices, list(variants)):
             out = workdir / f"lite0-{len(results)}.onnx"
             start = time.perf_counter()
             report = dfmpc_onnx.quantize_file(MODEL, out, scheme=scheme, check=False, **options)
@@ -87,7 +93,9 @@ def _line(row: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schemes", nargs="+", default=["4/8", "3/6", "2/6"])
-    parser.add_argument("--relu6", nargs="+", choices=RELU6, default=list(RELU6))
+    parser.add_argument("--relu6", nargs="*", choices=RELU6, default=list(RELU6))
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=[],
+                        help="further rows: " + "; ".join(f"{k}: {v[0]}" for k, v in VARIANTS.items()))
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table and JSON")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its imagenet markers")
@@ -97,7 +105,7 @@ def main() -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
-        results = run(args.schemes, args.relu6, Path(workdir))
+        results = run(args.schemes, args.relu6, Path(workdir), args.variants)
     table = markdown(results)
     (args.out / "imagenet.md").write_text(table + "\n")
     (args.out / "imagenet.json").write_text(json.dumps(results, indent=2) + "\n")
