@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import Layer, from_rows, unique_name
+from .graph import Layer, NameSource, from_rows
 from .pairs import Pair
 from .plan import QuantizedLayer
 from .quantizers import QuantizedWeight
@@ -95,10 +95,11 @@ def scale_input_channels(consumer: Layer, weight: np.ndarray, pair: Pair, c: np.
 def emit_float(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], pairs: tuple[Pair, ...],
                placement: str = "producer") -> None:
     """Replace each quantized layer's weight (and bias) by float constants, in place."""
+    names = NameSource(graph)
     for name, (weight, bias) in float_weights(qlayers, pairs, placement).items():
         layer = qlayers[name].layer
-        layer.node.inputs[1] = gs.Constant(unique_name(graph, f"{name}.weight_q"), weight)
-        _set_bias(graph, layer, bias)
+        layer.node.inputs[1] = gs.Constant(names.fresh(f"{name}.weight_q"), weight)
+        _set_bias(names, layer, bias)
 
 
 def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
@@ -107,12 +108,13 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
     The compensation is placed on the producer. The graph's opset must be
     at least what ``storage_for`` names for every layer's codes.
     """
+    names = NameSource(graph)
     for name, ql in qlayers.items():
         q, bias = effective_weights(ql)
         layer = ql.layer
         dtype, _ = storage_for(q.storage_bits)
         codes = from_rows(q.codes, layer.weight.shape, layer.out_axis).astype(dtype)
-        code_const = gs.Constant(unique_name(graph, f"{name}.weight_{np.dtype(dtype).name}"),
+        code_const = gs.Constant(names.fresh(f"{name}.weight_{np.dtype(dtype).name}"),
                                  LazyValues(numpy_helper.from_array(codes)))
         scale = q.scale.astype(np.float32)
         attrs = {}
@@ -120,20 +122,20 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
             scale = np.array(scale[0], dtype=np.float32)
         else:
             attrs["axis"] = layer.out_axis
-        scale_const = gs.Constant(unique_name(graph, f"{name}.weight_scale"), scale)
-        dequantized = gs.Variable(unique_name(graph, f"{name}.weight_dq"), dtype=np.float32,
+        scale_const = gs.Constant(names.fresh(f"{name}.weight_scale"), scale)
+        dequantized = gs.Variable(names.fresh(f"{name}.weight_dq"), dtype=np.float32,
                                   shape=list(layer.weight.shape))
         graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.DequantizeLinear",
                                    inputs=[code_const, scale_const], outputs=[dequantized], attrs=attrs))
         layer.node.inputs[1] = dequantized
-        _set_bias(graph, layer, bias)
+        _set_bias(names, layer, bias)
     graph.toposort()
 
 
-def _set_bias(graph: gs.Graph, layer: Layer, bias: np.ndarray | None) -> None:
+def _set_bias(names: NameSource, layer: Layer, bias: np.ndarray | None) -> None:
     if bias is None or bias is layer.bias:
         return
-    constant = gs.Constant(unique_name(graph, f"{layer.name}.bias_q"), np.asarray(bias, dtype=np.float32))
+    constant = gs.Constant(names.fresh(f"{layer.name}.bias_q"), np.asarray(bias, dtype=np.float32))
     if len(layer.node.inputs) > 2:
         layer.node.inputs[2] = constant
     else:

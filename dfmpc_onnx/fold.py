@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import constant_value, replace_list, unique_name
+from .graph import NameSource, constant_value, replace_list
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ def fold_batchnorm(graph: gs.Graph) -> FoldResult:
     folded: list[str] = []
     kept: list[tuple[str, str]] = []
     preactivation: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    names = NameSource(graph)
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-        outcome = _fold_one(graph, bn)
+        outcome = _fold_one(graph, bn, names)
         if isinstance(outcome, str):
             kept.append((bn.name, outcome))
         else:
@@ -65,7 +66,7 @@ def fold_batchnorm(graph: gs.Graph) -> FoldResult:
     return FoldResult(folded=tuple(folded), kept=tuple(kept), preactivation=preactivation)
 
 
-def _fold_one(graph: gs.Graph, bn: gs.Node) -> str | tuple[str, np.ndarray, np.ndarray]:
+def _fold_one(graph: gs.Graph, bn: gs.Node, names: NameSource) -> str | tuple[str, np.ndarray, np.ndarray]:
     """Fold one BatchNormalization: (conv name, beta, gamma), or the reason it stays."""
     source = bn.inputs[0]
     if len(source.inputs) != 1 or source.inputs[0].op != "Conv":
@@ -89,8 +90,8 @@ def _fold_one(graph: gs.Graph, bn: gs.Node) -> str | tuple[str, np.ndarray, np.n
     if np.any(var + epsilon <= 0):
         return "zero running variance and zero epsilon"
     new_weight, new_bias = fold_batchnorm_params(weight, bias, gamma, beta, mean, var, epsilon)
-    weight_const = gs.Constant(unique_name(graph, f"{conv.name}.weight_bnfold"), new_weight)
-    bias_const = gs.Constant(unique_name(graph, f"{conv.name}.bias_bnfold"), new_bias)
+    weight_const = gs.Constant(names.fresh(f"{conv.name}.weight_bnfold"), new_weight)
+    bias_const = gs.Constant(names.fresh(f"{conv.name}.bias_bnfold"), new_bias)
     output = bn.outputs[0]
     bn.inputs.clear()
     bn.outputs.clear()

@@ -135,14 +135,24 @@ def from_rows(rows: np.ndarray, shape: tuple[int, ...], out_axis: int) -> np.nda
     return np.ascontiguousarray(np.moveaxis(rows.reshape(moved_shape), 0, out_axis))
 
 
-def unique_name(graph: gs.Graph, base: str) -> str:
-    """A tensor name not yet used in the graph."""
-    taken = graph.tensors()
-    name, index = base, 1
-    while name in taken:
-        name = f"{base}_{index}"
-        index += 1
-    return name
+class NameSource:
+    """Fresh tensor names for one rewriting pass over ``graph``.
+
+    The graph's names are read once and every name handed out is remembered,
+    so a pass that adds n tensors costs O(n), not O(n) per name.
+    """
+
+    def __init__(self, graph: gs.Graph):
+        self.taken = set(graph.tensors())
+
+    def fresh(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``, ... : the first name not yet used."""
+        name, index = base, 1
+        while name in self.taken:
+            name = f"{base}_{index}"
+            index += 1
+        self.taken.add(name)
+        return name
 
 
 def replace_list(tensors: list, new: list) -> None:
