@@ -88,6 +88,9 @@ def quantize(
     dequantized floats, with the compensation on the producer or, with
     ``placement="consumer"``, on the consumer (Eq. 7).
     ``compensate=False`` gives uncompensated rounding ("Original" in the paper).
+    ``granularity`` "tensor" (the paper), "channel" or "auto" (default: per
+    tensor for ternary, per channel for k-bit layers; ``per_channel_scales``);
+    ``kbit_range`` "max" (Eq. 6) or "mse" (least-squares clipped range).
     ``refine="stats"`` then matches every quantized conv's per-channel output
     mean and variance to the float model's on ``samples`` synthetic inputs
     (``synthetic`` "pink", "noise" or "distill", seeded by ``seed``);
