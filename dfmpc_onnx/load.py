@@ -43,6 +43,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         checker_error = _checker_error(model)
     if checker_error:
         raise InputError(f"{label}: not a valid ONNX model: {checker_error}")
+    _check_names_are_text(model, label)
     if external:
         _read_external_data(model, base_dir, label)
     _check_finite_weights(model, label)
@@ -52,6 +53,17 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     except Exception as err:  # shape inference raises several unrelated types
         raise InputError(f"{label}: shape inference failed: {first_line(err)}") from None
     return model
+
+
+def _check_names_are_text(model: onnx.ModelProto, label: str) -> None:
+    """Every name in the graph must be UTF-8: protobuf hands invalid ones over as bytes, which the
+    checker lets through and nothing downstream can write back (found by tools/fuzz.py)."""
+    graph = model.graph
+    names = [graph.name, *(v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer))]
+    for node in graph.node:
+        names += [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+    if any(not isinstance(name, str) for name in names):
+        raise InputError(f"{label}: not a valid ONNX model: a name is not valid UTF-8 text")
 
 
 def _checker_error(model: str | onnx.ModelProto) -> str | None:

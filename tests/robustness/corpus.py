@@ -189,6 +189,15 @@ def _dynamic_spatial() -> onnx.ModelProto:
     return model
 
 
+def _names_not_utf8(folder: Path) -> list[str]:
+    """The graph's and a node's names as invalid UTF-8, patched into the bytes (found by tools/fuzz.py)."""
+    model = chain_model()
+    model.graph.name, model.graph.node[0].name = "fuzz", "Node"
+    data = model.SerializeToString().replace(b"fuzz", b"\x80uzz").replace(b"Node", b"\xffode")
+    (folder / "in.onnx").write_bytes(data)
+    return _run(folder / "in.onnx", folder)
+
+
 def _conv_output_is_graph_output() -> onnx.ModelProto:
     """conv1's output feeds its BatchNormalization and is also a graph output (found by tools/fuzz.py)."""
     model = chain_model()
@@ -349,6 +358,7 @@ CASES = [
     Case("input-shape-unknown-input", _model(chain_model, "--input-shape", "y:1,3,8,8"), 2, "no input 'y'"),
     Case("input-shape-not-numbers", _model(chain_model, "--input-shape", "1,3,a,8"), 2, "integer dims"),
     Case("several-inputs-and-outputs", _model(_several_inputs_outputs), 0, r"refinement skipped"),
+    Case("names-not-utf8", _names_not_utf8, 2, "not valid UTF-8"),
     Case("conv-output-is-graph-output", _model(_conv_output_is_graph_output), 0, r"other consumers"),
     Case("no-weighted-layers", _model(_no_weighted_layers), 2, r"no Conv, Gemm or MatMul"),
     Case("float16-conv", _model(_float16), 0, r"conv16 .*float"),
