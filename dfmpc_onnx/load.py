@@ -56,14 +56,22 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _check_names_are_text(model: onnx.ModelProto, label: str) -> None:
-    """Every name in the graph must be UTF-8: protobuf hands invalid ones over as bytes, which the
-    checker lets through and nothing downstream can write back (found by tools/fuzz.py)."""
-    graph = model.graph
-    names = [graph.name, *(v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer))]
-    for node in graph.node:
-        names += [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
-    if any(not isinstance(name, str) for name in names):
-        raise InputError(f"{label}: not a valid ONNX model: a name is not valid UTF-8 text")
+    """Every string field of the model must be UTF-8: protobuf hands invalid ones over as bytes, which
+    the checker lets through and nothing downstream can use (found by tools/fuzz.py)."""
+    if not _strings_are_text(model):
+        raise InputError(f"{label}: not a valid ONNX model: a name or string is not valid UTF-8 text")
+
+
+def _strings_are_text(message) -> bool:
+    for field, value in message.ListFields():
+        repeated = getattr(field, "is_repeated", None)  # protobuf >= 6; older ones only have ``label``
+        repeated = field.label == field.LABEL_REPEATED if repeated is None else repeated
+        values = value if repeated else [value]
+        if field.type == field.TYPE_STRING and any(not isinstance(v, str) for v in values):
+            return False
+        if field.type == field.TYPE_MESSAGE and not all(_strings_are_text(v) for v in values):
+            return False
+    return True
 
 
 def _checker_error(model: str | onnx.ModelProto) -> str | None:
