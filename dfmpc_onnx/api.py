@@ -29,7 +29,7 @@ from .emit import effective_weights, emit_float, emit_qdq, storage_for
 from .errors import CheckError, InputError, first_line
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph, to_rows
-from .load import load_model, split_weights
+from .load import external_data_files, load_model, split_weights
 from .pairs import find_pairs
 from .relu6 import batchnorm_statistics, relu6_clips, replace_rare_clips
 from .plan import QuantizedLayer, Scheme, assign_roles
@@ -294,13 +294,7 @@ def _uses_file(model_path: Path, data: Path) -> bool:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception:  # an unreadable input is refused, with its reason, when it is loaded
         return False
-    folder = model_path.resolve().parent
-    for tensor in model.graph.initializer:
-        if onnx.external_data_helper.uses_external_data(tensor):
-            location = onnx.external_data_helper.ExternalDataInfo(tensor).location
-            if (folder / location).resolve() == data.resolve():
-                return True
-    return False
+    return data.resolve() in external_data_files(model, model_path.resolve().parent)
 
 
 def save_model_atomic(model: onnx.ModelProto, destination: str | os.PathLike,

@@ -134,7 +134,8 @@ def run_reference(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None 
         raise InputError(f"onnxruntime cannot run the input model on a random batch ({shown}): "
                          f"{first_line(err)}{hint}") from None
     names = [spec.name for spec in session.get_outputs()]
-    batch = next(iter(feed.values())).shape[0] if feed and next(iter(feed.values())).ndim else batch
+    first = next(iter(feed.values()), None)
+    batch = first.shape[0] if first is not None and first.ndim else batch
     return ReferenceRun(feed, tuple(zip(names, map(np.asarray, outputs))), tuple(chosen), batch)
 
 
@@ -174,9 +175,15 @@ def check_with_onnxruntime(reference: ReferenceRun, candidate: onnx.ModelProto) 
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-def _session_options() -> ort.SessionOptions:
+def quiet_session_options() -> ort.SessionOptions:
+    """Session options that log nothing: errors come back as exceptions; ours is the one line the user sees."""
     options = ort.SessionOptions()
-    options.log_severity_level = 4  # errors come back as exceptions; ours is the one line the user sees
+    options.log_severity_level = 4
+    return options
+
+
+def _session_options() -> ort.SessionOptions:
+    options = quiet_session_options()
     # One small batch: no fused or pre-packed copies of the weights, no memory arena.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.disable_prepacking", "1")

@@ -23,6 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from .check import quiet_session_options
 from .errors import InputError
 from .synthetic import pink_noise
 
@@ -98,8 +99,7 @@ def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
     sub = gs.Graph(nodes=foldable, inputs=[], outputs=wanted, opset=graph.opset)
     model = gs.export_onnx(sub.copy(), do_type_check=False)
     model.ir_version = min(model.ir_version, 10)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # errors come back as exceptions; ours is the one line the user sees
+    options = quiet_session_options()
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     values = session.run([t.name for t in wanted], {})
     for tensor, value in zip(wanted, values):

@@ -184,6 +184,12 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path | None, label: s
     return True
 
 
+def external_data_files(model: onnx.ModelProto, base_dir: Path) -> set[Path]:
+    """The resolved paths of the files that ``model``'s tensors keep external data in."""
+    return {(base_dir / external_data_helper.ExternalDataInfo(t).location).resolve()
+            for t in _graph_tensors(model.graph) if external_data_helper.uses_external_data(t)}
+
+
 def _read_external_data(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
     try:
         external_data_helper.load_external_data_for_model(model, str(base_dir))
@@ -230,7 +236,7 @@ def _check_batchnorm_variance(model: onnx.ModelProto, label: str) -> None:
 
 def _check_finite_weights(model: onnx.ModelProto, label: str) -> None:
     for tensor in model.graph.initializer:
-        if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+        if tensor.data_type not in FLOAT_TYPES:
             continue
         values = numpy_helper.to_array(tensor)
         if not np.all(np.isfinite(values)):

@@ -150,10 +150,9 @@ def channel_step(node: gs.Node, tensor: gs.Tensor, offset: int, block: int,
     op = node.op
     label = f"{op} {node.name}"
     if op == "Clip":
-        bounds = clip_bounds(node)
         if relu6 != "pair":
             return f"Relu6/{label} is not positively homogeneous (--relu6 pair passes it)"
-        if bounds is None or bounds[0] != 0.0 or not np.isfinite(bounds[1]):
+        if not is_relu6(node):
             return f"{label} is not a constant Clip(0, max)"
         return node.outputs[0], offset, block
     if op == "BatchNormalization":
@@ -181,6 +180,12 @@ def channel_step(node: gs.Node, tensor: gs.Tensor, offset: int, block: int,
             return f"{label} is not along channels, repeats the input, or has unknown shapes"
         offset += shifted
     return node.outputs[0], offset, block
+
+
+def is_relu6(node: gs.Node) -> bool:
+    """Whether ``node`` is a Clip(0, max) with constant, finite max."""
+    bounds = clip_bounds(node) if node.op == "Clip" else None
+    return bounds is not None and bounds[0] == 0.0 and bool(np.isfinite(bounds[1]))
 
 
 def clip_bounds(node: gs.Node) -> tuple[float, float] | None:

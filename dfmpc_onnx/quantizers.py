@@ -101,11 +101,16 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, weig
     m = np.abs(w).max(axis=axis, keepdims=True) if w.size else np.zeros((1, 1))
     if weight_range == "mse" and w.size:
         m = mse_range(w, m, levels, axis)
-    safe_m = np.where(m > 0, m, 1.0)
-    steps = np.clip(np.rint(levels * (w / (2 * safe_m) + 0.5)), 0, levels)
+    steps, _ = _dorefa_steps(w, m, levels)
     codes = (2 * steps - levels).astype(np.int32)
     scale = np.broadcast_to((m / levels).reshape(-1), (rows.shape[0],)).copy()
     return QuantizedWeight(codes.astype(_int_type(bits + 1)), scale, bits=bits, storage_bits=bits + 1)
+
+
+def _dorefa_steps(w: np.ndarray, m: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 6's grid index round((2^k - 1)(W/(2M) + 1/2)), clipped to [0, 2^k - 1], and M with 0 read as 1."""
+    safe = np.where(m > 0, m, 1.0)
+    return np.clip(np.rint(levels * (w / (2 * safe) + 0.5)), 0, levels), safe
 
 
 def mse_range(w: np.ndarray, m: np.ndarray, levels: int, axis: int | None, grid: int = 36) -> np.ndarray:
@@ -113,8 +118,7 @@ def mse_range(w: np.ndarray, m: np.ndarray, levels: int, axis: int | None, grid:
     best, best_error = m.copy(), np.full(m.shape, np.inf)
     for alpha in np.linspace(0.3, 1.0, grid):
         trial = m * alpha
-        safe = np.where(trial > 0, trial, 1.0)
-        steps = np.clip(np.rint(levels * (w / (2 * safe) + 0.5)), 0, levels)
+        steps, safe = _dorefa_steps(w, trial, levels)
         error = np.square(w - (2 * steps - levels) * safe / levels).sum(axis=axis, keepdims=True)
         better = error < best_error
         best, best_error = np.where(better, trial, best), np.where(better, error, best_error)

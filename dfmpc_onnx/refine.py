@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from .check import quiet_session_options
 from .graph import from_rows
 from .plan import QuantizedLayer
 from .quantizers import QuantizedWeight
@@ -214,8 +215,7 @@ def _session(graph: gs.Graph, opset_model: onnx.ModelProto) -> ort.InferenceSess
     del model.opset_import[:]
     model.opset_import.extend(opset_model.opset_import)
     model.ir_version = opset_model.ir_version
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # errors come back as exceptions; ours is the one line the user sees
+    options = quiet_session_options()
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

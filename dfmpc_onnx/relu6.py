@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .pairs import clip_bounds
+from .pairs import clip_bounds, is_relu6
 
 RARE = 3.0
 """Standard deviations between every channel's mean pre-activation and the clip point."""
@@ -24,13 +24,7 @@ RARE = 3.0
 
 def relu6_clips(graph: gs.Graph) -> list[gs.Node]:
     """The Clip(0, hi) nodes of ``graph`` with constant, finite bounds."""
-    clips = []
-    for node in graph.nodes:
-        if node.op == "Clip":
-            bounds = clip_bounds(node)
-            if bounds is not None and bounds[0] == 0.0 and np.isfinite(bounds[1]):
-                clips.append(node)
-    return clips
+    return [node for node in graph.nodes if is_relu6(node)]
 
 
 def batchnorm_statistics(clips: list[gs.Node], preactivation: dict[str, tuple[np.ndarray, np.ndarray]]

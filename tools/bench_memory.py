@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,14 +33,7 @@ CONFIGURATIONS = {
 def weight_bytes(path: Path) -> int:
     """Bytes of float weights in the model's initializers, without loading the external data."""
     model = onnx.load_model(path, load_external_data=False)
-    return sum(4 * int(_count(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
-
-
-def _count(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
+    return sum(4 * math.prod(t.dims) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
 
 
 def peak_rss(command: list[str]) -> tuple[int, int, float]:
