@@ -29,11 +29,11 @@ from .emit import effective_weights, emit_float, emit_qdq, storage_for
 from .errors import CheckError, InputError, first_line
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph, to_rows
-from .load import external_data_files, load_model, split_weights
+from .load import external_data_files, load_split, with_weights
 from .pairs import find_pairs
 from .relu6 import batchnorm_statistics, relu6_clips, replace_rare_clips
 from .plan import QuantizedLayer, Scheme, assign_roles
-from .quantizers import KBIT_RANGES, TERNARY_THRESHOLDS, quantize_rows, sqnr_db
+from .quantizers import KBIT_RANGES, TERNARY_THRESHOLDS, quantize_rows
 from .refine import activation_statistics, correct_bias, expected_input, match_statistics
 from .report import LayerReport, Report, initializer_bytes
 from .synthetic import synthetic_batch
@@ -43,6 +43,9 @@ REFINEMENTS = ("auto", "none", "bias", "stats", "refit")
 RELU6 = ("refuse", "pair", "relu")
 SYNTHETIC = ("auto", "noise", "pink", "distill")
 GRANULARITIES = ("auto", "tensor", "channel")
+COLLECT_ABOVE_BYTES = 256 << 20
+"""Weights from which each stage ends with a garbage collection: below it, the replaced weights that
+wait for the cycle collector cost less memory than the collections cost time."""
 
 
 def required_opset(scheme: Scheme) -> int:
@@ -129,32 +132,33 @@ def quantize(
         resolve_providers(providers)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    collect = True
 
     def lap(stage: str) -> None:
         nonlocal clock
-        # graphsurgeon's nodes and tensors refer to each other: replaced weights wait for the cycle collector
-        gc.collect()
+        if collect:
+            # graphsurgeon's nodes and tensors refer to each other: replaced weights wait for the cycle collector
+            gc.collect()
         now = time.perf_counter()
         timings[stage] = round(now - clock, 4)
         clock = now
 
-    source = load_model(model)
-    shapes = resolve_input_shapes(source, input_shapes or {})
+    working, weights = load_split(model)
+    shapes = resolve_input_shapes(working, input_shapes or {})
     auto_synthetic = synthetic == "auto"
-    synthetic = resolve_synthetic(synthetic, source)
+    synthetic = resolve_synthetic(synthetic, working)
     refine = resolve_refine(refine, synthetic)
     ternary_threshold = resolve_ternary_threshold(ternary_threshold, refine)
-    label = str(model) if not isinstance(model, onnx.ModelProto) else (source.graph.name or "model")
-    opset_in = _default_opset(source)
-    weight_bytes_before = initializer_bytes(source)
+    label = str(model) if not isinstance(model, onnx.ModelProto) else (working.graph.name or "model")
+    opset_in = _default_opset(working)
+    weight_bytes_before = initializer_bytes(working)
+    collect = weight_bytes_before >= COLLECT_ABOVE_BYTES
     notes: list[str] = []
     inputs = None
     if refine in ("stats", "refit"):
         # Made before anything changes the model: distillation needs its BatchNormalization nodes.
-        inputs, refine, synthetic = _synthetic_inputs(source, shapes, refine, synthetic, auto_synthetic, samples,
-                                                      seed, synthetic_inputs, notes, say)
-    working, weights = split_weights(source)
-    del source  # from here on the weights are held once, as arrays
+        inputs, refine, synthetic = _synthetic_inputs(working, weights, shapes, refine, synthetic, auto_synthetic,
+                                                      samples, seed, synthetic_inputs, notes, say)
     reference_run = run_reference(working, weights, providers, check_batch, shapes=shapes) if check else None
     if format == "qdq" and opset_in < required_opset(scheme):
         target = required_opset(scheme)
@@ -518,8 +522,9 @@ def resolve_ternary_threshold(ternary_threshold: str, refine: str) -> str:
     return "optimal" if refine == "refit" else "twn"
 
 
-def _synthetic_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], refine: str, synthetic: str, auto_synthetic: bool, samples: int,
-                      seed: int, given: np.ndarray | None, notes: list[str],
+def _synthetic_inputs(model: onnx.ModelProto, weights: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                      refine: str, synthetic: str, auto_synthetic: bool, samples: int, seed: int,
+                      given: np.ndarray | None, notes: list[str],
                       say: Callable[[str], None]) -> tuple[np.ndarray | None, str, str]:
     """The inputs of statistics matching and the refinement and inputs that will actually run.
 
@@ -536,7 +541,9 @@ def _synthetic_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
             raise InputError(f"synthetic_inputs of shape {np.shape(given)} do not fit input {shape}")
         return np.asarray(given, dtype=np.float32), refine, synthetic
     try:
-        return make_synthetic_inputs(model, shape, synthetic, samples, seed, say), refine, synthetic
+        # distillation runs the whole float model in PyTorch: only it needs the weights back in the model
+        whole = with_weights(model, weights) if synthetic == "distill" else model
+        return make_synthetic_inputs(whole, shape, synthetic, samples, seed, say), refine, synthetic
     except InputError as err:
         if not auto_synthetic:
             raise
@@ -615,7 +622,7 @@ def _layer_reports(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], left_flo
         c = ql.compensation
         reports[name] = LayerReport(
             name=name, op=ql.layer.op, role=ql.role, bits=ql.quantized.bits, partner=ql.partner,
-            sqnr_db=sqnr_db(rows, effective.dequantize()),
+            sqnr_db=effective.sqnr_db(rows),
             c_min=None if c is None else float(c.min()),
             c_median=None if c is None else float(np.median(c)),
             c_max=None if c is None else float(c.max()))

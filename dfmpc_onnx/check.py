@@ -102,7 +102,7 @@ def run_reference(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None 
     """Run the input model in onnxruntime on one seeded random batch (``random_feed``).
 
     ``weights`` are the values of initializers that ``model`` holds without
-    data (``load.split_weights``); onnxruntime reads them in place, so the
+    data (``load.load_split``); onnxruntime reads them in place, so the
     float weights are not copied. Raises InputError if onnxruntime cannot
     run the input model.
     """

@@ -29,8 +29,9 @@ def _closed_form(weight: np.ndarray, quantized: np.ndarray, bias: np.ndarray,
         cross = 0.0
         energy = 0.0
         for k in range(size):
-            cross += quantized[j, k] * weight[j, k]
-            energy += quantized[j, k] * quantized[j, k]
+            q = np.float64(quantized[j, k])
+            cross += q * np.float64(weight[j, k])
+            energy += q * q
         theta = lambda1 * bias[j] * bias[j]
         numerator = cross + theta
         denominator = energy + theta + lambda2
@@ -53,7 +54,7 @@ def solve_compensation(weight_rows: np.ndarray, quantized_rows: np.ndarray, bias
     """
     if lambda1 < 0 or lambda2 < 0:
         raise ValueError("lambda1 and lambda2 must be non-negative")
-    w = np.ascontiguousarray(weight_rows, dtype=np.float64)
-    q = np.ascontiguousarray(quantized_rows, dtype=np.float64)
+    w = np.ascontiguousarray(weight_rows)  # float32 or float64; the kernel sums in float64 without a copy
+    q = np.ascontiguousarray(quantized_rows)
     b = np.zeros(w.shape[0]) if bias is None else np.ascontiguousarray(bias, dtype=np.float64)
     return _closed_form(w, q, b, float(lambda1), float(lambda2))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from numba import njit, prange
 
 from .graph import NameSource, constant_value, replace_list
 
@@ -38,10 +39,19 @@ def fold_batchnorm_params(
     sigma = np.sqrt(var.astype(np.float64) + epsilon)
     scale = gamma.astype(np.float64) / sigma
     b = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
-    shape = (-1,) + (1,) * (weight.ndim - 1)
-    new_weight = weight.astype(np.float64) * scale.reshape(shape)
+    new_weight = _scale_rows(np.ascontiguousarray(weight).reshape(weight.shape[0], int(np.prod(weight.shape[1:]))), scale).reshape(weight.shape)
     new_bias = beta.astype(np.float64) + (b - mean.astype(np.float64)) * scale
-    return new_weight.astype(np.float32), new_bias.astype(np.float32)
+    return new_weight, new_bias.astype(np.float32)
+
+
+@njit(cache=True, parallel=True)
+def _scale_rows(rows: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32(W_j scale_j), the product taken in float64: one pass, no float64 copy of the weight."""
+    out = np.empty(rows.shape, dtype=np.float32)
+    for j in prange(rows.shape[0]):
+        for k in range(rows.shape[1]):
+            out[j, k] = np.float32(np.float64(rows[j, k]) * scale[j])
+    return out
 
 
 def fold_batchnorm(graph: gs.Graph) -> FoldResult:

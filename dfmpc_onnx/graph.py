@@ -48,7 +48,7 @@ def import_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None =
     """Import into graphsurgeon, sorted topologically, every node with a unique name.
 
     ``weights`` gives the values of initializers that ``model`` holds
-    without data (see ``load.split_weights``).
+    without data (see ``load.load_split``).
     """
     graph = gs.import_onnx(model)
     if weights:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -17,10 +16,30 @@ MIN_OPSET = 7
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """``load_split``, with the weights put back: the whole validated model, shapes inferred."""
+    return with_weights(*load_split(source))
+
+
+def with_weights(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``skeleton`` whose data-less initializers get their data from ``weights``."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            tensor.raw_data = numpy_helper.from_array(weights[tensor.name]).raw_data
+    return model
+
+
+def load_split(source: str | os.PathLike | onnx.ModelProto,
+               min_bytes: int = 1 << 16) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Load and validate a model: external data, opset, checker, finite weights, shapes.
 
-    External data is resolved only inside the model's own folder. The returned
-    model carries inferred shapes in ``graph.value_info``.
+    Returns the model without the data of its large float initializers (at
+    least ``min_bytes``; their entries stay, dims and type only) and that
+    data as arrays, so that the weights are held once, as arrays, and the
+    checker and shape inference work on kilobytes. External data is
+    resolved only inside the model's own folder. The model carries inferred
+    shapes in ``graph.value_info``.
     """
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -30,29 +49,71 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     else:
         path = Path(source)
         label = str(path)
-        # The checker reads the file itself, before Python holds the model, so that the weights are
-        # never in memory three times; its verdict waits until the clearer checks below have run.
-        checker_error = _checker_error(str(path)) if path.is_file() else None
         model = _read_proto(path)
         base_dir = path.resolve().parent
     if not model.HasField("graph"):
         raise InputError(f"{label}: the file holds no graph")
     _check_opset(model, label)
     external = _check_external_data(model, base_dir, label)
-    if base_dir is None:
-        checker_error = _checker_error(model)
-    if checker_error:
-        raise InputError(f"{label}: not a valid ONNX model: {checker_error}")
-    _check_names_are_text(model, label)
     if external:
         _read_external_data(model, base_dir, label)
-    _check_finite_weights(model, label)
+    weights = _take_weights(model, min_bytes, label)
+    model = _checked_and_inferred(model, set(weights), label)
+    _check_names_are_text(model, label)
+    _check_finite_weights(model, weights, label)
     _check_batchnorm_variance(model, label)
+    return model, weights
+
+
+def _take_weights(model: onnx.ModelProto, min_bytes: int, label: str) -> dict[str, np.ndarray]:
+    """The large float initializers' data as arrays, cleared from ``model`` (one copy, no more)."""
+    weights: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in FLOAT_TYPES or not tensor.HasField("raw_data") or _nbytes(tensor) < min_bytes:
+            continue
+        if not isinstance(tensor.name, str):
+            raise InputError(f"{label}: not a valid ONNX model: a name or string is not valid UTF-8 text")
+        try:
+            weights[tensor.name] = numpy_helper.to_array(tensor)
+        except ValueError:  # raw_data of the wrong length for the dims
+            raise InputError(f"{label}: not a valid ONNX model: initializer '{tensor.name}' holds "
+                             f"{len(tensor.raw_data)} bytes of data, not the {_nbytes(tensor)} its shape needs") from None
+        tensor.ClearField("raw_data")
+    return weights
+
+
+def _checked_and_inferred(model: onnx.ModelProto, held: set[str], label: str) -> onnx.ModelProto:
+    """``onnx.checker`` and shape inference on ``model``, whose initializers named in ``held`` have no data.
+
+    Both see those initializers as graph inputs of the same type and shape
+    (as old exporters list them), so neither copies weights; the result has
+    them back as data-less initializers, in their places.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    order = [t.name for t in probe.graph.initializer]
+    emptied = {t.name: t for t in model.graph.initializer if t.name in held}
+    declared = {i.name for i in probe.graph.input}
+    kept = [t for t in probe.graph.initializer if t.name not in held]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(kept)
+    real_inputs = len(probe.graph.input)
+    probe.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in emptied.values() if t.name not in declared)
+    error = _checker_error(probe)
+    if error:
+        raise InputError(f"{label}: not a valid ONNX model: {error}")
     try:
-        model = on_skeleton(model, lambda skeleton: onnx.shape_inference.infer_shapes(skeleton, data_prop=True))
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception as err:  # shape inference raises several unrelated types
         raise InputError(f"{label}: shape inference failed: {first_line(err)}") from None
-    return model
+    del inferred.graph.input[real_inputs:]
+    present = {t.name: t for t in inferred.graph.initializer}
+    present.update(emptied)
+    restored = [present[name] for name in order if name in present]
+    del inferred.graph.initializer[:]
+    inferred.graph.initializer.extend(restored)
+    return inferred
 
 
 def _check_names_are_text(model: onnx.ModelProto, label: str) -> None:
@@ -74,8 +135,8 @@ def _strings_are_text(message) -> bool:
     return True
 
 
-def _checker_error(model: str | onnx.ModelProto) -> str | None:
-    """``onnx.checker``'s first complaint about a model or model file, or None."""
+def _checker_error(model: onnx.ModelProto) -> str | None:
+    """``onnx.checker``'s first complaint about a model, or None."""
     try:
         onnx.checker.check_model(model)
     except Exception as err:  # ValidationError, or ValueError for in-memory models over 2 GiB
@@ -83,53 +144,7 @@ def _checker_error(model: str | onnx.ModelProto) -> str | None:
     return None
 
 
-def on_skeleton(model: onnx.ModelProto, transform: Callable[[onnx.ModelProto], onnx.ModelProto],
-                min_bytes: int = 1 << 16) -> onnx.ModelProto:
-    """``transform(model)`` run with the large initializers' data set aside, then moved into its result.
-
-    Shape inference and the version converter copy the whole model; on the
-    skeleton they copy kilobytes. ``model`` gives up its large tensors' data.
-    """
-    detached: dict[str, bytes] = {}
-    for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and _nbytes(tensor) >= min_bytes:
-            detached[tensor.name] = tensor.raw_data
-            tensor.ClearField("raw_data")
-    try:
-        result = transform(model)
-    except BaseException:
-        _attach(model, detached)
-        raise
-    _attach(result, detached)  # an initializer the transform dropped is simply not given back
-    return result
-
-
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
-
-
-def split_weights(model: onnx.ModelProto, min_bytes: int = 1 << 16) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A copy of ``model`` without the data of its large float initializers, and that data as arrays.
-
-    Protobuf returns memory only when a whole message goes, so a caller that
-    drops ``model`` afterwards holds the weights once, as arrays. ``model``
-    loses those initializers' data.
-    """
-    weights: dict[str, np.ndarray] = {}
-    for tensor in model.graph.initializer:
-        if tensor.data_type in FLOAT_TYPES and tensor.HasField("raw_data") and _nbytes(tensor) >= min_bytes:
-            weights[tensor.name] = numpy_helper.to_array(tensor)
-            tensor.ClearField("raw_data")
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    return skeleton, weights
-
-
-def _attach(model: onnx.ModelProto, detached: dict[str, bytes]) -> None:
-    """Give initializers back their raw data, emptying ``detached`` as it goes."""
-    for tensor in model.graph.initializer:
-        data = detached.pop(tensor.name, None)
-        if data is not None:
-            tensor.raw_data = data
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
@@ -234,11 +249,13 @@ def _check_batchnorm_variance(model: onnx.ModelProto, label: str) -> None:
                              "or takes the root of a negative number")
 
 
-def _check_finite_weights(model: onnx.ModelProto, label: str) -> None:
+def _check_finite_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], label: str) -> None:
     for tensor in model.graph.initializer:
-        if tensor.data_type not in FLOAT_TYPES:
-            continue
-        values = numpy_helper.to_array(tensor)
-        if not np.all(np.isfinite(values)):
-            raise InputError(f"{label}: initializer '{tensor.name}' holds NaN or Inf values")
+        if tensor.data_type in FLOAT_TYPES and tensor.name not in weights:
+            weights_or_small = numpy_helper.to_array(tensor)
+            if not np.all(np.isfinite(weights_or_small)):
+                raise InputError(f"{label}: initializer '{tensor.name}' holds NaN or Inf values")
+    for name, values in weights.items():
+        if not np.isfinite(values).all():
+            raise InputError(f"{label}: initializer '{name}' holds NaN or Inf values")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit, prange
 
 TERNARY_THRESHOLD = 0.7
 """Delta = 0.7 mean(|W|) (Eq. 4, Ternary Weight Networks)."""
@@ -35,6 +36,11 @@ class QuantizedWeight:
     def with_scale(self, scale: np.ndarray) -> QuantizedWeight:
         return QuantizedWeight(self.codes, np.asarray(scale, dtype=np.float64), self.bits, self.storage_bits)
 
+    def sqnr_db(self, rows: np.ndarray) -> float:
+        """``sqnr_db(rows, self.dequantize())`` in one pass, without forming the dequantized weight."""
+        signal, noise = _signal_and_noise(np.ascontiguousarray(rows), self.codes, self.scale.astype(np.float32))
+        return _decibels(signal, noise)
+
 
 def ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> QuantizedWeight:
     """Ternary weights, Eqs. 3-4: What = alpha * T, T in {-1, 0, +1}.
@@ -43,15 +49,17 @@ def ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> QuantizedWe
     |W| > Delta); per tensor (the paper) or per output channel (row).
     An all-zero tensor or row gets alpha = 0.
     """
-    w = np.abs(rows.astype(np.float64))
-    axis = 1 if per_channel else None
-    delta = TERNARY_THRESHOLD * w.mean(axis=axis, keepdims=True)
-    kept = w > delta
-    count = kept.sum(axis=axis, keepdims=True)
-    total = np.where(kept, w, 0.0).sum(axis=axis, keepdims=True)
-    alpha = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-    codes = (np.sign(rows) * kept).astype(np.int8)
-    scale = np.broadcast_to(alpha.reshape(-1), (rows.shape[0],)).copy()
+    rows = np.ascontiguousarray(rows)
+    channels, size = rows.shape
+    abs_sums, _ = _row_abs_sum_and_max(rows)
+    if per_channel:
+        delta = TERNARY_THRESHOLD * abs_sums / max(size, 1)
+    else:
+        delta = np.full(channels, TERNARY_THRESHOLD * abs_sums.sum() / max(rows.size, 1))
+    codes, kept_counts, kept_sums = _ternary_codes(rows, delta)
+    if not per_channel:
+        kept_counts, kept_sums = np.full(channels, kept_counts.sum()), np.full(channels, kept_sums.sum())
+    scale = np.divide(kept_sums, kept_counts, out=np.zeros(channels), where=kept_counts > 0)
     return QuantizedWeight(codes, scale, bits=2, storage_bits=2)
 
 
@@ -96,15 +104,16 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, weig
     if bits < 1:
         raise ValueError(f"bit width must be at least 1, got {bits}")
     levels = 2**bits - 1
-    w = rows.astype(np.float64)
-    axis = 1 if per_channel else None
-    m = np.abs(w).max(axis=axis, keepdims=True) if w.size else np.zeros((1, 1))
-    if weight_range == "mse" and w.size:
-        m = mse_range(w, m, levels, axis)
-    steps, _ = _dorefa_steps(w, m, levels)
-    codes = (2 * steps - levels).astype(np.int32)
-    scale = np.broadcast_to((m / levels).reshape(-1), (rows.shape[0],)).copy()
-    return QuantizedWeight(codes.astype(_int_type(bits + 1)), scale, bits=bits, storage_bits=bits + 1)
+    rows = np.ascontiguousarray(rows)
+    _, row_max = _row_abs_sum_and_max(rows)
+    m = row_max if per_channel else np.full(rows.shape[0], row_max.max(initial=0.0))
+    if weight_range == "mse" and rows.size:
+        axis = 1 if per_channel else None
+        m = np.broadcast_to(mse_range(rows.astype(np.float64), m[:, None] if per_channel else m[:1, None], levels,
+                                      axis).reshape(-1), m.shape).copy()
+    codes = np.empty(rows.shape, dtype=_int_type(bits + 1))
+    _dorefa_codes(rows, m, levels, codes)
+    return QuantizedWeight(codes, m / levels, bits=bits, storage_bits=bits + 1)
 
 
 def _dorefa_steps(w: np.ndarray, m: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +153,85 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio 10 log10(|W|^2 / |W - What|^2) in dB (inf if exact)."""
     signal = float(np.sum(np.square(reference, dtype=np.float64)))
     noise = float(np.sum(np.square(reference.astype(np.float64) - approx.astype(np.float64))))
+    return _decibels(signal, noise)
+
+
+def _decibels(signal: float, noise: float) -> float:
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
         return float("-inf")
     return 10.0 * np.log10(signal / noise)
+
+
+# Numba kernels: one pass over the weight per call, one thread per output channel (row), float64 sums;
+# per-row results are combined in row order, so the result does not depend on the thread count.
+
+@njit(cache=True, parallel=True)
+def _row_abs_sum_and_max(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: sum |w| and max |w|."""
+    channels, size = rows.shape
+    sums = np.zeros(channels)
+    maxima = np.zeros(channels)
+    for j in prange(channels):
+        total = 0.0
+        largest = 0.0
+        for k in range(size):
+            a = abs(np.float64(rows[j, k]))
+            total += a
+            largest = max(largest, a)
+        sums[j] = total
+        maxima[j] = largest
+    return sums, maxima
+
+
+@njit(cache=True, parallel=True)
+def _ternary_codes(rows: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """T = sign(W) [|W| > Delta_j] (Eq. 3) and, per row, the count and sum of the kept |W|."""
+    channels, size = rows.shape
+    codes = np.zeros((channels, size), dtype=np.int8)
+    counts = np.zeros(channels)
+    sums = np.zeros(channels)
+    for j in prange(channels):
+        count = 0.0
+        total = 0.0
+        for k in range(size):
+            w = np.float64(rows[j, k])
+            if abs(w) > delta[j]:
+                codes[j, k] = 1 if w > 0 else -1
+                count += 1.0
+                total += abs(w)
+        counts[j] = count
+        sums[j] = total
+    return codes, counts, sums
+
+
+@njit(cache=True, parallel=True)
+def _dorefa_codes(rows: np.ndarray, m: np.ndarray, levels: int, codes: np.ndarray) -> None:
+    """Eq. 6's odd codes 2 round((2^k - 1)(W/(2M_j) + 1/2)) - (2^k - 1), clipped, written into ``codes``."""
+    channels, size = rows.shape
+    for j in prange(channels):
+        safe = m[j] if m[j] > 0 else 1.0
+        for k in range(size):
+            step = np.rint(levels * (np.float64(rows[j, k]) / (2 * safe) + 0.5))
+            step = min(max(step, 0.0), float(levels))
+            codes[j, k] = int(2 * step - levels)
+
+
+@njit(cache=True, parallel=True)
+def _signal_and_noise(rows: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
+    """sum W^2 and sum (W - codes scale_j)^2, with codes scale_j rounded to float32 as DequantizeLinear does."""
+    channels, size = rows.shape
+    signal = np.zeros(channels)
+    noise = np.zeros(channels)
+    for j in prange(channels):
+        s = 0.0
+        e = 0.0
+        for k in range(size):
+            w = np.float64(rows[j, k])
+            q = np.float64(np.float32(codes[j, k]) * scale[j])
+            s += w * w
+            e += (w - q) * (w - q)
+        signal[j] = s
+        noise[j] = e
+    return signal.sum(), noise.sum()

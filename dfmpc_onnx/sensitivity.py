@@ -1,0 +1,87 @@
+"""Inference-only sensitivity: how much of the float model's output a quantization choice keeps.
+
+Data-free: the float model and its quantized variants see the same synthetic
+inputs in onnxruntime, with every quantizable layer's weight and bias fed as
+a graph input, so that one session evaluates any assignment of weights. The
+measure is the output SQNR, 10 log10(sum y^2 / sum (y - yhat)^2) over every
+graph output and input (in the spirit of the retraining-free mixed-precision
+search, seed 002: a quantized network is judged by how closely it follows
+the float one, never by labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import from_rows
+from .plan import QuantizedLayer
+from .quantizers import QuantizedWeight
+from .refine import _session, _with_weight_inputs
+
+Weights = dict[str, tuple[np.ndarray, np.ndarray | None]]
+"""Layer name -> (weight in the graph's layout, bias or None)."""
+
+
+@dataclass
+class OutputProbe:
+    """The float graph with its layers' weights as inputs, its float outputs on ``inputs``, and the float
+    weights; ``sqnr_db(changes)`` scores the model with ``changes`` (layer -> weights) applied."""
+
+    session: object
+    input_name: str
+    output_names: list[str]
+    weight_inputs: dict[str, tuple[str, str | None]]
+    inputs: np.ndarray
+    chunk: int
+    float_weights: Weights
+    reference: list[list[np.ndarray]]
+
+    def outputs(self, changes: Weights) -> list[list[np.ndarray]]:
+        feed = _feed({**self.float_weights, **changes}, self.weight_inputs, self.float_weights)
+        return [self.session.run(self.output_names, {self.input_name: self.inputs[start:start + self.chunk], **feed})
+                for start in range(0, len(self.inputs), self.chunk)]
+
+    def sqnr_db(self, changes: Weights) -> float:
+        signal = noise = 0.0
+        for reference, outputs in zip(self.reference, self.outputs(changes)):
+            for ref, out in zip(reference, outputs):
+                ref64 = ref.astype(np.float64)
+                signal += float(np.sum(ref64 ** 2))
+                noise += float(np.sum((out.astype(np.float64) - ref64) ** 2))
+        if noise == 0.0:
+            return float("inf")
+        return 10.0 * np.log10(max(signal, np.finfo(np.float64).tiny) / noise)
+
+
+def output_probe(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.ndarray,
+                 opset_model: onnx.ModelProto, chunk: int) -> OutputProbe:
+    """An ``OutputProbe`` over ``graph`` (float, BatchNorm folded) for the layers of ``qlayers``."""
+    output_names = [t.name for t in graph.outputs]
+    probe_graph, weight_inputs = _with_weight_inputs(graph, qlayers, output_names)
+    session = _session(probe_graph, opset_model)
+    float_weights = {name: (ql.layer.weight, np.zeros(ql.layer.out_channels, np.float32) if ql.layer.bias is None
+                            else ql.layer.bias) for name, ql in qlayers.items()}
+    probe = OutputProbe(session, session.get_inputs()[0].name, output_names, weight_inputs, inputs, chunk,
+                        float_weights, [])
+    probe.reference = probe.outputs({})
+    return probe
+
+
+def layer_weights(ql: QuantizedLayer, entry: tuple[QuantizedWeight, np.ndarray | None]) -> Weights:
+    """The (weight, bias) that a layer computes with, for ``OutputProbe``."""
+    q, bias = entry
+    return {ql.layer.name: (from_rows(q.dequantize(), ql.layer.weight.shape, ql.layer.out_axis), bias)}
+
+
+def _feed(weights: Weights, names: dict[str, tuple[str, str | None]], float_weights: Weights) -> dict[str, np.ndarray]:
+    feed = {}
+    for name, (weight_name, bias_name) in names.items():
+        weight, bias = weights[name]
+        feed[weight_name] = np.asarray(weight, dtype=np.float32)
+        if bias_name is not None:  # a layer without bias has a zero float bias
+            feed[bias_name] = np.asarray(float_weights[name][1] if bias is None else bias, np.float32)
+    return feed
