@@ -45,35 +45,146 @@ def match_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], state:
 
     With ``refit`` (name, weight rows -> requantized weight), the convs of ``refit_roles`` (pair
     consumers) are first re-solved by ridge least squares so that, on the quantized model's own
-    inputs, they reproduce the float model's outputs: a full-matrix generalisation of c (Eq. 7)."""
+    inputs, they reproduce the float model's outputs: a full-matrix generalisation of c (Eq. 7).
+
+    The graph is cut after each quantized Conv (``Segments``), and the float and the quantized
+    model are run through it side by side, once: a conv's correction is an affine map of its
+    output, so it is applied to the values already computed, and the whole refinement costs about
+    two forward passes, not one per conv."""
     convs = [name for name, ql in qlayers.items() if ql.layer.op == "Conv"]
     if not convs:
         return dict(state)
-    outputs = {name: qlayers[name].layer.node.outputs[0].name for name in convs}
-    reference = _session(_with_outputs(graph, list(outputs.values())), opset_model)
-    input_name = reference.get_inputs()[0].name
-    float_stats = _channel_statistics(reference, input_name, inputs, list(outputs.values()), {}, chunk)
-
     graph_inputs = {t.name for t in graph.inputs}
     conv_inputs = {name: qlayers[name].layer.node.inputs[0].name for name in convs}
-    fittable = [name for name in convs if refit is not None and qlayers[name].role in refit_roles
-                and conv_inputs[name] not in graph_inputs and _plain_conv(qlayers[name].layer.node)]
-    probe_graph, weight_inputs = _with_weight_inputs(
-        graph, qlayers, list(outputs.values()) + sorted({conv_inputs[n] for n in fittable}))
-    probe = _session(probe_graph, opset_model)
+    fittable = {name for name in convs if refit is not None and qlayers[name].role in refit_roles
+                and conv_inputs[name] not in graph_inputs and _plain_conv(qlayers[name].layer.node)}
+    segments = Segments(graph, qlayers, convs, {conv_inputs[name] for name in fittable}, opset_model)
+    chunks = [inputs[start:start + chunk] for start in range(0, len(inputs), chunk)]
+    float_values = {segments.input_name: chunks}
+    quantized_values = {segments.input_name: chunks}
+    float_feed = _float_feed(qlayers)
     state = dict(state)
     for index, name in enumerate(convs):
-        feed = _weight_feed(qlayers, state, weight_inputs)
+        output = qlayers[name].layer.node.outputs[0].name
+        float_values.update(segments.run(index, float_values, float_feed))
+        quantized_feed = _weight_feed(qlayers, state, segments.layers[index])
+        quantized_values.update(segments.run(index, quantized_values, quantized_feed))
         if name in fittable:
-            state[name] = _refit_conv(qlayers[name], state[name], probe, reference, input_name, inputs,
-                                      conv_inputs[name], outputs[name], feed, chunk, refit)
-            feed = _weight_feed(qlayers, state, weight_inputs)
-        (m_q, v_q), = _channel_statistics(probe, input_name, inputs, [outputs[name]], feed, chunk)
-        m_f, v_f = float_stats[list(outputs).index(name)]
+            state[name] = _refit_conv(qlayers[name], quantized_values[conv_inputs[name]], float_values[output],
+                                      refit)
+            quantized_feed = _weight_feed(qlayers, state, segments.layers[index])
+            quantized_values.update(segments.run(index, quantized_values, quantized_feed))
+        m_f, v_f = _array_statistics(float_values[output])
+        m_q, v_q = _array_statistics(quantized_values[output])
         state[name] = _rescale(state[name], m_f, v_f, m_q, v_q)
+        a = channel_affine(m_f, v_f, m_q, v_q)
+        quantized_values[output] = [_affine(values, a, m_q, m_f) for values in quantized_values[output]]
+        for values in (float_values, quantized_values):
+            for dead in segments.last_used_by[index]:
+                values.pop(dead, None)
         if log and ((index + 1) % 10 == 0 or index + 1 == len(convs)):
             log(f"refine: {index + 1}/{len(convs)} convs done")
     return state
+
+
+class Segments:
+    """``graph`` cut after each conv of ``convs`` (in topological order): segment k runs the nodes from
+    just after conv k-1 to conv k, reading the graph input, the tensors earlier segments left, and the
+    quantized layers' weights (as inputs), and leaving every tensor a later segment reads."""
+
+    def __init__(self, graph: gs.Graph, qlayers: dict[str, QuantizedLayer], convs: list[str], extra: set[str],
+                 opset_model: onnx.ModelProto):
+        probe, self.weight_inputs = _with_weight_inputs(graph, qlayers, [t.name for t in graph.outputs])
+        probe.toposort()
+        model = gs.export_onnx(probe, do_type_check=False)
+        self.input_name = graph.inputs[0].name
+        nodes = list(model.graph.node)
+        position = {node.name: i for i, node in enumerate(nodes)}
+        cuts = [position[name] for name in convs]
+        initializers = {t.name: t for t in model.graph.initializer}
+        types = {v.name: v.type for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+        weight_names = {n for pair in self.weight_inputs.values() for n in pair if n}
+        bounds = list(zip([0] + [c + 1 for c in cuts[:-1]], [c + 1 for c in cuts]))
+        reads = [set().union(*(_node_reads(n) for n in nodes[a:b])) for a, b in bounds]
+        writes = [{o for n in nodes[a:b] for o in n.output if o} for a, b in bounds]
+        self.sessions, self.inputs, self.outputs = [], [], []
+        self.layers: list[list[str]] = []  # the quantized layers whose weights segment k reads
+        self.last_used_by: list[set[str]] = [set() for _ in bounds]
+        for k, (a, b) in enumerate(bounds):
+            later = set().union(*reads[k + 1:]) if k + 1 < len(reads) else set()
+            outputs = sorted(name for name in writes[k] if name in later or name in extra)
+            outputs.append(nodes[b - 1].output[0])
+            data_inputs = sorted(name for name in reads[k] - writes[k]
+                                 if name not in initializers and name not in weight_names)
+            weights = sorted(name for name in reads[k] if name in weight_names)
+            self.layers.append([layer for layer, pair in self.weight_inputs.items() if pair[0] in reads[k]])
+            segment = onnx.helper.make_graph(
+                nodes[a:b], f"segment{k}",
+                [_value_info(name, types) for name in data_inputs + weights],
+                [_value_info(name, types) for name in dict.fromkeys(outputs)],
+                [initializers[name] for name in sorted(reads[k]) if name in initializers])
+            segment_model = onnx.helper.make_model(segment, opset_imports=list(opset_model.opset_import))
+            segment_model.ir_version = opset_model.ir_version
+            self.sessions.append(ort.InferenceSession(segment_model.SerializeToString(), quiet_session_options(),
+                                                      providers=["CPUExecutionProvider"]))
+            self.inputs.append((data_inputs, weights))
+            self.outputs.append(list(dict.fromkeys(outputs)))
+        last_use = {}
+        for k, names in enumerate(reads):
+            for name in names:
+                last_use[name] = k
+        for name, k in last_use.items():
+            if name != self.input_name:
+                self.last_used_by[k].add(name)
+
+    def run(self, index: int, values: dict[str, list[np.ndarray]],
+            weights: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+        """Segment ``index`` on ``values`` (name -> one array per chunk of inputs): the tensors it leaves,
+        per chunk (a tensor such as a Reshape's shape may depend on the chunk's size)."""
+        data_inputs, weight_inputs = self.inputs[index]
+        feed_weights = {name: weights[name] for name in weight_inputs}
+        parts = [self.sessions[index].run(self.outputs[index], {
+            **{name: values[name][c] for name in data_inputs}, **feed_weights})
+            for c in range(len(values[self.input_name]))]
+        return {name: [part[i] for part in parts] for i, name in enumerate(self.outputs[index])}
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    """The tensor names a node reads, including those its subgraphs read from the enclosing graph."""
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input} | {
+                t.name for t in sub.initializer}
+            names |= {name for n in sub.node for name in _node_reads(n) if name not in inner}
+    return names
+
+
+def _value_info(name: str, types: dict[str, onnx.TypeProto]) -> onnx.ValueInfoProto:
+    """A value info with the tensor's element type and no shape (every chunk size fits); float if unknown."""
+    elem = types[name].tensor_type.elem_type if name in types and types[name].tensor_type.elem_type else (
+        onnx.TensorProto.FLOAT)
+    return onnx.helper.make_tensor_value_info(name, elem, None)
+
+
+def _array_statistics(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (axis 1) mean and variance over every sample and position of the chunks, in float64."""
+    sums = squares = 0.0
+    count = 0
+    for values in chunks:
+        v = values.astype(np.float64)
+        axes = (0,) + tuple(range(2, v.ndim))
+        sums = sums + v.sum(axis=axes)
+        squares = squares + np.square(v).sum(axis=axes)
+        count += v.size // v.shape[1]
+    mean = sums / count
+    return mean, np.maximum(squares / count - mean**2, 0.0)
+
+
+def _affine(values: np.ndarray, a: np.ndarray, m_q: np.ndarray, m_f: np.ndarray) -> np.ndarray:
+    """y <- a (y - m_q) + m_f per channel: what the corrected conv would have output."""
+    shape = (1, -1) + (1,) * (values.ndim - 2)
+    return ((values - m_q.reshape(shape)) * a.reshape(shape) + m_f.reshape(shape)).astype(np.float32)
 
 
 RIDGE = 1e-3
@@ -96,8 +207,7 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pad
     return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 
 
-def _refit_conv(ql: QuantizedLayer, entry, probe, reference, input_name, inputs, conv_input, conv_output, feed,
-                chunk, refit):
+def _refit_conv(ql: QuantizedLayer, quantized_in: list[np.ndarray], float_out: list[np.ndarray], refit):
     """Ridge least squares for a conv's weight and bias on (quantized inputs, float outputs), requantized."""
     node, layer = ql.layer.node, ql.layer
     kernel = tuple(layer.weight.shape[2:])
@@ -106,13 +216,10 @@ def _refit_conv(ql: QuantizedLayer, entry, probe, reference, input_name, inputs,
     size = int(np.prod(layer.weight.shape[1:])) + 1
     gram = np.zeros((size, size))
     cross = np.zeros((size, layer.out_channels))
-    for start in range(0, len(inputs), chunk):
-        batch = inputs[start:start + chunk]
-        (quantized_in,) = probe.run([conv_input], {input_name: batch, **feed})
-        (float_out,) = reference.run([conv_output], {input_name: batch})
-        rows = im2col(quantized_in.astype(np.float64), kernel, strides, pads)
+    for inputs, outputs in zip(quantized_in, float_out):
+        rows = im2col(inputs.astype(np.float64), kernel, strides, pads)
         rows = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
-        target = float_out.astype(np.float64).transpose(0, 2, 3, 1).reshape(-1, layer.out_channels)
+        target = outputs.astype(np.float64).transpose(0, 2, 3, 1).reshape(-1, layer.out_channels)
         gram += rows.T @ rows
         cross += rows.T @ target
     prior = np.concatenate([layer.weight.reshape(layer.out_channels, -1).astype(np.float64),
@@ -197,15 +304,26 @@ def _with_weight_inputs(graph: gs.Graph, qlayers: dict[str, QuantizedLayer],
     return copy, names
 
 
-def _weight_feed(qlayers: dict[str, QuantizedLayer], state: State,
-                 names: dict[str, tuple[str, str | None]]) -> dict[str, np.ndarray]:
+def _weight_feed(qlayers: dict[str, QuantizedLayer], state: State, names: list[str]) -> dict[str, np.ndarray]:
+    """The weight inputs of ``_with_weight_inputs`` for the layers ``names``, from ``state``."""
     feed = {}
-    for name, (weight_name, bias_name) in names.items():
+    for name in names:
         q, bias = state[name]
         layer = qlayers[name].layer
-        feed[weight_name] = from_rows(q.dequantize(), layer.weight.shape, layer.out_axis)
-        if bias_name is not None:
-            feed[bias_name] = np.zeros(layer.out_channels, np.float32) if bias is None else bias.astype(np.float32)
+        feed[f"{name}::weight"] = from_rows(q.dequantize(), layer.weight.shape, layer.out_axis)
+        if layer.op in ("Conv", "Gemm"):
+            feed[f"{name}::bias"] = np.zeros(layer.out_channels, np.float32) if bias is None else bias.astype(np.float32)
+    return feed
+
+
+def _float_feed(qlayers: dict[str, QuantizedLayer]) -> dict[str, np.ndarray]:
+    """The weight inputs of ``_with_weight_inputs`` holding the float weights."""
+    feed = {}
+    for name, ql in qlayers.items():
+        feed[f"{name}::weight"] = ql.layer.weight
+        if ql.layer.op in ("Conv", "Gemm"):
+            feed[f"{name}::bias"] = (np.zeros(ql.layer.out_channels, np.float32) if ql.layer.bias is None
+                                     else ql.layer.bias)
     return feed
 
 

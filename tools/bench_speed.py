@@ -198,7 +198,7 @@ def main() -> int:
                         help="where the synthetic models are kept (made when missing)")
     parser.add_argument("--refinements", nargs="*", default=["stats"], choices=["stats", "refit"],
                         help="refinements to time (default: stats)")
-    parser.add_argument("--samples", type=int, default=16, help="synthetic inputs for the refinements (default 16)")
+    parser.add_argument("--samples", type=int, default=64, help="synthetic inputs for the refinements (default 64, the tool's)")
     parser.add_argument("--calibration", type=int, default=4, help="random calibration batches for onnxruntime")
     parser.add_argument("--repeat", type=int, default=3, help="runs per timing; the median is kept (default 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table and JSON")
