@@ -25,7 +25,7 @@ from .check import (ORT_ERRORS, PROTOBUF_LIMIT, check_with_onnxruntime, loadable
                     run_reference)
 from .compensation import solve_compensation
 from .distill import distill_inputs
-from .emit import effective_weights, emit_float, emit_qdq, storage_for
+from .emit import effective_weights, emit_float, emit_qdq, storage_opset
 from .errors import CheckError, InputError, first_line
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph, to_rows
@@ -35,7 +35,7 @@ from .relu6 import batchnorm_statistics, relu6_clips, replace_rare_clips
 from .plan import QuantizedLayer, Scheme, assign_roles
 from .quantizers import KBIT_RANGES, TERNARY_THRESHOLDS, quantize_rows
 from .refine import activation_statistics, correct_bias, expected_input, match_statistics
-from .report import LayerReport, Report, initializer_bytes
+from .report import LayerReport, Report, initializer_bytes, stored_bits_per_weight
 from .synthetic import synthetic_batch
 
 FORMATS = ("qdq", "float")
@@ -49,9 +49,8 @@ wait for the cycle collector cost less memory than the collections cost time."""
 
 
 def required_opset(scheme: Scheme) -> int:
-    """The opset whose DequantizeLinear accepts the storage types of ``scheme`` (INT2: 25, INT4: 21)."""
-    low_storage = 2 if scheme.low == 2 else scheme.low + 1
-    return max(storage_for(low_storage)[1], storage_for(scheme.high + 1)[1])
+    """The opset whose DequantizeLinear accepts the storage types of ``scheme`` (INT2 and UINT2: 25, INT4: 21)."""
+    return max(storage_opset(scheme.low), storage_opset(scheme.high))
 
 
 def quantize(
@@ -239,7 +238,7 @@ def quantize(
         pairs=list(search.pairs), refusals=list(search.refusals),
         folded_batchnorm=list(folding.folded), kept_batchnorm=list(folding.kept),
         weight_bytes_before=weight_bytes_before, weight_bytes_after=initializer_bytes(result),
-        relu6=relu6, kbit_range=kbit_range, replaced_clips=replaced_clips, notes=notes, check=check_result, timings=timings)
+        relu6=relu6, kbit_range=kbit_range, stored_bits=stored_bits_per_weight(result), replaced_clips=replaced_clips, notes=notes, check=check_result, timings=timings)
     if not search.pairs:
         report.notes.append("no quantizable pair: every layer was quantized at the HIGH bit width")
     return result, report
@@ -311,7 +310,8 @@ def save_model_atomic(model: onnx.ModelProto, destination: str | os.PathLike,
     """
     destination = Path(destination)
     folder = destination.resolve().parent
-    external = external_data if external_data is not None else model.ByteSize() >= PROTOBUF_LIMIT
+    # the weights' bytes, not ByteSize(): that walks the whole message, as long as serializing it
+    external = external_data if external_data is not None else initializer_bytes(model) >= PROTOBUF_LIMIT - (64 << 20)
     try:
         workdir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=folder))
     except OSError as err:

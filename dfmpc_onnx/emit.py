@@ -26,16 +26,64 @@ from .pairs import Pair
 from .plan import QuantizedLayer
 from .quantizers import QuantizedWeight
 
-# Signed storage type, its ONNX opset requirement for per-axis DequantizeLinear.
-STORAGE = ((2, ml_dtypes.int2, 25), (4, ml_dtypes.int4, 21), (8, np.int8, 13), (16, np.int16, 21))
+def storage_parts(bits: int) -> tuple[tuple[type, int], ...]:
+    """How a layer quantized to ``bits`` is stored: (integer type, step) per part, the step in units of
+    the quantizer's scale s.
+
+    Ternary codes T (Eq. 3) go in INT2 with step 1 (W = s T). DoReFa codes q
+    (Eq. 6) are odd, so m = (q - 1) / 2 is a signed ``bits``-bit integer and
+    W = s (2 m + 1): m goes in INT4, INT8 or INT16 with step 2, or, for 5 and
+    6 bits, in an INT4 high part and a UINT2 low part, m = 4 hi + lo (steps
+    8 and 2), so that 6-bit weights take 6 bits. The "+ s" is a per-channel
+    constant added after the DequantizeLinear nodes.
+    """
+    if bits == 2:
+        return ((ml_dtypes.int2, 1),)
+    if bits <= 4:
+        return ((ml_dtypes.int4, 2),)
+    if bits <= 6:
+        return ((ml_dtypes.int4, 8), (ml_dtypes.uint2, 2))
+    if bits <= 8:
+        return ((np.int8, 2),)
+    if bits <= 16:
+        return ((np.int16, 2),)
+    raise ValueError(f"no integer storage for {bits}-bit weights")
 
 
-def storage_for(bits: int) -> tuple[type, int]:
-    """The narrowest signed integer type holding ``bits``-bit codes, and the opset it needs."""
-    for width, dtype, opset in STORAGE:
-        if bits <= width:
-            return dtype, opset
-    raise ValueError(f"no integer storage for {bits}-bit codes")
+OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}
+"""The first opset whose DequantizeLinear takes the type with a per-axis scale."""
+
+
+def storage_opset(bits: int) -> int:
+    """The opset that ``storage_parts(bits)`` needs."""
+    return max(OPSET_FOR_TYPE[dtype] for dtype, _ in storage_parts(bits))
+
+
+def stored_bits(bits: int) -> int:
+    """Bits per weight in the file for a layer quantized to ``bits`` (INT2/UINT2 four to a byte, INT4 two)."""
+    return sum(np.dtype(dtype).itemsize * 8 if dtype in (np.int8, np.int16) else
+               (2 if dtype in (ml_dtypes.int2, ml_dtypes.uint2) else 4) for dtype, _ in storage_parts(bits))
+
+
+def stored_rows(q: QuantizedWeight) -> np.ndarray:
+    """The weight rows exactly as the qdq model computes them from its stored integers, in float32:
+    each part times (step x scale), summed, plus the scale for DoReFa codes."""
+    scale = q.scale.astype(np.float32)[:, None]
+    rows = None
+    for (_, step), part in zip(storage_parts(q.bits), split_codes(q)):
+        term = part.astype(np.float32) * (scale * np.float32(step))
+        rows = term if rows is None else rows + term
+    return rows + scale if q.bits > 2 else rows
+
+
+def split_codes(q: QuantizedWeight) -> list[np.ndarray]:
+    """The integer parts of ``storage_parts(q.bits)`` for q's codes (rows), in order."""
+    if q.bits == 2:
+        return [q.codes]
+    m = (q.codes.astype(np.int32) - 1) // 2
+    if len(storage_parts(q.bits)) == 2:
+        return [m >> 2, m & 3]
+    return [m]
 
 
 def effective_weights(qlayer: QuantizedLayer) -> tuple[QuantizedWeight, np.ndarray | None]:
@@ -59,7 +107,7 @@ def float_weights(qlayers: dict[str, QuantizedLayer], pairs: tuple[Pair, ...],
     result = {}
     for name, ql in qlayers.items():
         q, bias = effective_weights(ql) if placement == "producer" else (ql.quantized, ql.layer.bias)
-        result[name] = (from_rows(q.dequantize(), ql.layer.weight.shape, ql.layer.out_axis), bias)
+        result[name] = (from_rows(stored_rows(q), ql.layer.weight.shape, ql.layer.out_axis), bias)
     if placement == "consumer":
         for pair in pairs:
             c = qlayers[pair.producer].compensation
@@ -103,31 +151,43 @@ def emit_float(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], pairs: tuple
 
 
 def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
-    """Feed each quantized layer's weight through DequantizeLinear(codes, scale), in place.
+    """Feed each quantized layer's weight through DequantizeLinear(integers, scale) nodes, in place.
 
-    The compensation is placed on the producer. The graph's opset must be
-    at least what ``storage_for`` names for every layer's codes.
+    The compensation is placed on the producer. Each weight is stored as
+    ``storage_parts`` says, with one DequantizeLinear per part and Adds. The
+    graph's opset must be at least ``storage_opset`` of every layer's bits.
     """
     names = NameSource(graph)
     for name, ql in qlayers.items():
         q, bias = effective_weights(ql)
         layer = ql.layer
-        dtype, _ = storage_for(q.storage_bits)
-        codes = from_rows(q.codes, layer.weight.shape, layer.out_axis).astype(dtype)
-        code_const = gs.Constant(names.fresh(f"{name}.weight_{np.dtype(dtype).name}"),
-                                 LazyValues(numpy_helper.from_array(codes)))
         scale = q.scale.astype(np.float32)
-        attrs = {}
-        if np.all(scale == scale[0]):
-            scale = np.array(scale[0], dtype=np.float32)
-        else:
-            attrs["axis"] = layer.out_axis
-        scale_const = gs.Constant(names.fresh(f"{name}.weight_scale"), scale)
-        dequantized = gs.Variable(names.fresh(f"{name}.weight_dq"), dtype=np.float32,
-                                  shape=list(layer.weight.shape))
-        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.DequantizeLinear",
-                                   inputs=[code_const, scale_const], outputs=[dequantized], attrs=attrs))
-        layer.node.inputs[1] = dequantized
+        per_tensor = bool(np.all(scale == scale[0]))
+        attrs = {} if per_tensor else {"axis": layer.out_axis}
+        terms = []
+        for index, ((dtype, step), part) in enumerate(zip(storage_parts(q.bits), split_codes(q))):
+            values = from_rows(part, layer.weight.shape, layer.out_axis).astype(dtype)
+            codes = gs.Constant(names.fresh(f"{name}.weight_{np.dtype(dtype).name}"),
+                                LazyValues(numpy_helper.from_array(values)))
+            part_scale = scale * np.float32(step)
+            scale_const = gs.Constant(names.fresh(f"{name}.weight_scale"),
+                                      np.array(part_scale[0]) if per_tensor else part_scale)
+            terms.append(gs.Variable(names.fresh(f"{name}.weight_dq"), dtype=np.float32,
+                                     shape=list(layer.weight.shape)))
+            graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.DequantizeLinear{index or ''}",
+                                       inputs=[codes, scale_const], outputs=[terms[-1]], attrs=attrs))
+        if q.bits > 2:  # W = s (2 m + 1): the + s
+            shape = [1] * layer.weight.ndim
+            shape[layer.out_axis] = -1
+            offset = scale[:1].reshape([1] * layer.weight.ndim) if per_tensor else scale.reshape(shape)
+            terms.append(gs.Constant(names.fresh(f"{name}.weight_offset"), offset))
+        weight = terms[0]
+        for index, term in enumerate(terms[1:]):
+            total = gs.Variable(names.fresh(f"{name}.weight_sum"), dtype=np.float32, shape=list(layer.weight.shape))
+            graph.nodes.append(gs.Node("Add", name=f"{name}.weight_add{index or ''}", inputs=[weight, term],
+                                       outputs=[total]))
+            weight = total
+        layer.node.inputs[1] = weight
         _set_bias(names, layer, bias)
     graph.toposort()
 

@@ -58,6 +58,8 @@ class Report:
     weight_bytes_after: int
     relu6: str = "refuse"
     kbit_range: str = "max"
+    stored_bits: float | None = None
+    """Bits per weight in the output file (``stored_bits_per_weight``), scales and offsets included."""
     replaced_clips: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     check: CheckResult | None = None
@@ -107,7 +109,8 @@ class Report:
             f"BatchNormalization folded: {len(self.folded_batchnorm)}"
             + (f", kept: {len(self.kept_batchnorm)}" if self.kept_batchnorm else ""),
             f"weight bytes: {self.weight_bytes_before:,} -> {self.weight_bytes_after:,}"
-            + (f" ({self.weight_bytes_after / self.weight_bytes_before:.1%})" if self.weight_bytes_before else ""),
+            + (f" ({self.weight_bytes_after / self.weight_bytes_before:.1%})" if self.weight_bytes_before else "")
+            + (f"; {self.stored_bits:.2f} stored bits per weight" if self.stored_bits is not None else ""),
         ]
         for layer in self.layers:
             if layer.role == "float":
@@ -128,16 +131,56 @@ class Report:
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
     """Bytes the initializers take when packed (INT2 four to a byte, INT4 two)."""
-    total = 0
-    for tensor in model.graph.initializer:
-        count = int(np.prod(tensor.dims)) if tensor.dims else 1
-        if tensor.data_type in _SUB_BYTE_BITS:
-            total += math.ceil(count * _SUB_BYTE_BITS[tensor.data_type] / 8)
-        elif tensor.data_type == onnx.TensorProto.STRING:
-            total += sum(len(s) for s in tensor.string_data)
+    return sum(_tensor_bytes(tensor) for tensor in model.graph.initializer)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    if tensor.data_type in _SUB_BYTE_BITS:
+        return math.ceil(count * _SUB_BYTE_BITS[tensor.data_type] / 8)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def stored_bits_per_weight(model: onnx.ModelProto) -> float | None:
+    """Bits the file spends per weight of its Conv, Gemm and MatMul layers, measured from the file.
+
+    A layer's weight costs every initializer that its weight input is
+    computed from through DequantizeLinear and Add nodes (integers, scales,
+    zero points, offsets), or its float initializer; the weight count is the
+    element count of the stored integers (or floats). Biases are not counted.
+    None if the model has no such layer with a constant weight.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node if node.op_type in ("DequantizeLinear", "Add")
+                 for out in node.output}
+    bits = weights = 0
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
+            continue
+        sources, count, pending = set(), 0, [node.input[1]]
+        while pending:
+            name = pending.pop()
+            if name in initializers:
+                sources.add(name)
+            elif name in producers:
+                producer = producers[name]
+                if producer.op_type == "DequantizeLinear" and producer.input[0] in initializers:
+                    count = int(np.prod(initializers[producer.input[0]].dims))
+                pending.extend(i for i in producer.input if i)
+            else:
+                break  # computed from activations: not a weight
         else:
-            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return total
+            if not count and len(sources) == 1:
+                count = int(np.prod(initializers[next(iter(sources))].dims))
+            if count:
+                bits += 8 * sum(_tensor_bytes(initializers[name]) for name in sources)
+                weights += count
+    return bits / weights if weights else None
 
 
 def _fmt(value, digits: int = 0) -> str:

@@ -12,22 +12,28 @@ def initializers(model):
 
 
 def dequantized_weights(model):
-    """Conv/Gemm name -> weight computed from the qdq model's integer codes and scales, in numpy."""
+    """Conv/Gemm name -> weight computed in numpy from the qdq model's integers, scales and offsets
+    (the DequantizeLinear and Add nodes that feed it)."""
     values = initializers(model)
-    producers = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    weights = {}
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm") and node.input[1] in producers:
-            dq = producers[node.input[1]]
-            codes = values[dq.input[0]].astype(np.float32)
-            scale = values[dq.input[1]].astype(np.float32)
-            if scale.ndim == 1:
-                shape = [1] * codes.ndim
-                axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-                shape[axis] = -1
-                scale = scale.reshape(shape)
-            weights[node.name] = codes * scale
-    return weights
+    producers = {n.output[0]: n for n in model.graph.node if n.op_type in ("DequantizeLinear", "Add")}
+
+    def evaluate(name):
+        if name in values:
+            return values[name].astype(np.float32)
+        node = producers[name]
+        if node.op_type == "Add":
+            return evaluate(node.input[0]) + evaluate(node.input[1])
+        codes = values[node.input[0]].astype(np.float32)
+        scale = values[node.input[1]].astype(np.float32)
+        if scale.ndim == 1:
+            shape = [1] * codes.ndim
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        return codes * scale
+
+    return {node.name: evaluate(node.input[1]) for node in model.graph.node
+            if node.op_type in ("Conv", "Gemm") and node.input[1] in producers}
 
 
 def float_weights(model):
@@ -36,7 +42,7 @@ def float_weights(model):
 
 
 @pytest.mark.parametrize("make", [chain_model, residual_model])
-@pytest.mark.parametrize("scheme", ["2/6", "3/6", "4/8"])
+@pytest.mark.parametrize("scheme", ["2/6", "3/6", "4/8", "2/5", "3/16"])
 def test_qdq_integers_dequantize_exactly_to_the_float_format(make, scheme):
     model = make()
     qdq, report = quantize(model, scheme, format="qdq", check=False, synthetic="pink", keep_first=False)
@@ -68,8 +74,8 @@ def test_producer_and_consumer_placement_are_the_same_network(make):
 
 def test_qdq_storage_types_and_opset():
     qdq, report = quantize(chain_model(), "2/6", check=False, synthetic="pink")
-    types = {t.data_type for t in qdq.graph.initializer if t.name.endswith(("int2", "int8"))}
-    assert types == {onnx.TensorProto.INT2, onnx.TensorProto.INT8}
+    types = {t.data_type for t in qdq.graph.initializer if t.name.endswith(("int2", "int4", "int8"))}
+    assert types == {onnx.TensorProto.INT2, onnx.TensorProto.UINT2, onnx.TensorProto.INT4}  # 6 bits: INT4 + UINT2
     assert report.opset_out == 25 and any("opset upgraded" in n for n in report.notes)
     qdq, _ = quantize(chain_model(), "3/6", check=False, synthetic="pink")
     assert onnx.TensorProto.INT4 in {t.data_type for t in qdq.graph.initializer}
@@ -124,3 +130,25 @@ def test_granularity_auto_is_per_tensor_ternary_and_per_channel_k_bit(granularit
             scales = np.unique(values[dq[node.input[1]].input[1]])
             per_channel = ternary_per_channel if roles[node.name] == "low" else high_per_channel
             assert (len(scales) > 1) is per_channel, (node.name, roles[node.name], scales)
+
+
+@pytest.mark.parametrize("scheme, bits", [("2/2", 2), ("4/4", 4), ("6/6", 6), ("8/8", 8), ("3/3", 4), ("5/5", 6)])
+def test_integer_parts_take_the_bits_of_the_scheme(scheme, bits):
+    """Every quantized layer's integers take ``bits`` per weight in the file (3 and 5 bits have no type
+    of their own: INT4, and INT4 + UINT2), packed; the report's figure adds the scales and offsets."""
+    from dfmpc_onnx.report import _tensor_bytes
+
+    qdq, report = quantize(chain_model(), scheme, check=False, refine="none")
+    values = {t.name: t for t in qdq.graph.initializer}
+    dq = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
+    per_layer = {}
+    for node in dq:
+        layer = node.name.split(".DequantizeLinear")[0]
+        integers = values[node.input[0]]
+        per_layer.setdefault(layer, [0, int(np.prod(integers.dims))])[0] += 8 * _tensor_bytes(integers)
+    assert per_layer and all(total / count == pytest.approx(bits, abs=0.5 / count * 8)
+                             for total, count in per_layer.values())
+    rows = sum(int(values[n.input[0]].dims[0]) for n in dq)  # the chain's convs are per-channel, axis 0
+    weights = sum(count for _, count in per_layer.values())
+    floats_at_most = rows * 2  # a scale per part and row, an offset per row
+    assert bits <= report.stored_bits <= bits + 32 * floats_at_most / weights

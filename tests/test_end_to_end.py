@@ -19,11 +19,29 @@ def quantize_cli(source, out, *args):
 
 
 def codes_per_layer(model):
-    """Conv/Gemm name -> its integer codes, read back through DequantizeLinear."""
+    """Conv/Gemm name -> its integer codes, read back through the DequantizeLinear and Add nodes:
+    ternary T from one INT2 part; DoReFa's odd q = 2 m + 1 from m in one part, or m = 4 hi + lo."""
     values = {t.name: t for t in model.graph.initializer}
-    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    return {n.name: numpy_helper.to_array(values[dq[n.input[1]].input[0]]).astype(np.int64)
-            for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dq}
+    producers = {n.output[0]: n for n in model.graph.node if n.op_type in ("DequantizeLinear", "Add")}
+
+    def parts(name):
+        node = producers.get(name)
+        if node is None:
+            return []
+        if node.op_type == "DequantizeLinear":
+            return [numpy_helper.to_array(values[node.input[0]]).astype(np.int64)]
+        return parts(node.input[0]) + parts(node.input[1])
+
+    codes = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and node.input[1] in producers:
+            found = parts(node.input[1])
+            if producers[node.input[1]].op_type == "DequantizeLinear":
+                codes[node.name] = found[0]
+            else:
+                m = found[0] if len(found) == 1 else 4 * found[0] + found[1]
+                codes[node.name] = 2 * m + 1
+    return codes
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
