@@ -23,19 +23,21 @@ from onnx import version_converter
 
 from .check import (ORT_ERRORS, PROTOBUF_LIMIT, check_with_onnxruntime, loadable_ir_version, resolve_providers,
                     run_reference)
+from .allocate import WIDTHS, greedy_allocation, make_units, unit_bits
 from .compensation import solve_compensation
 from .distill import distill_inputs
 from .emit import effective_weights, emit_float, emit_qdq, storage_opset
 from .errors import CheckError, InputError, first_line
 from .fold import fold_batchnorm
-from .graph import find_layers, import_graph, to_rows
+from .graph import Layer, find_layers, from_rows, import_graph, to_rows
 from .load import external_data_files, load_split, with_weights
-from .pairs import find_pairs
-from .relu6 import batchnorm_statistics, relu6_clips, replace_rare_clips
+from .pairs import Pair, find_pairs
 from .plan import QuantizedLayer, Scheme, assign_roles
-from .quantizers import KBIT_RANGES, TERNARY_THRESHOLDS, quantize_rows
+from .quantizers import KBIT_RANGES, TERNARY_THRESHOLDS, QuantizedWeight, quantize_rows
 from .refine import activation_statistics, correct_bias, expected_input, match_statistics
+from .relu6 import batchnorm_statistics, relu6_clips, replace_rare_clips
 from .report import LayerReport, Report, initializer_bytes, stored_bits_per_weight
+from .sensitivity import output_probe
 from .synthetic import synthetic_batch
 
 FORMATS = ("qdq", "float")
@@ -71,6 +73,7 @@ def quantize(
     seed: int = 0,
     synthetic_inputs: np.ndarray | None = None,
     relu6: str = "refuse",
+    target_bits: float | None = None,
     keep_first: bool = True,
     keep_last: bool = True,
     exclude: tuple[str, ...] | list[str] = (),
@@ -107,6 +110,10 @@ def quantize(
     does: "refuse" ends the chain; "pair" passes it (exact, as c sits on the
     producer); "relu" first replaces each Clip whose input statistics (from
     BatchNorm, or the synthetic inputs) say it is rarely reached by a Relu.
+    ``target_bits`` replaces the scheme's two widths by a choice per pair and
+    per unpaired layer (``allocate.py``) that averages at most that many
+    stored integer bits per quantized weight, by an inference-only greedy
+    search on the synthetic inputs; the report's notes give the allocation.
     ``synthetic_inputs`` (samples x input shape) replaces the generated
     inputs, e.g. to distill once and reuse. ``input_shapes`` maps input
     names (or None, for a model's only input) to the shape that the check and
@@ -127,6 +134,10 @@ def quantize(
                          "(c on the consumer would move the clip point)")
     if relu6 not in RELU6:
         raise InputError(f"--relu6 must be one of {', '.join(RELU6)}, not '{relu6}'")
+    if target_bits is not None and not (np.isfinite(target_bits) and min(WIDTHS) <= target_bits <= max(WIDTHS)):
+        raise InputError(f"--target-bits must be between {min(WIDTHS)} and {max(WIDTHS)}")
+    if target_bits is not None and format != "qdq":
+        raise InputError("--target-bits needs --format qdq (the budget is stored bits)")
     if check:
         resolve_providers(providers)
     timings: dict[str, float] = {}
@@ -154,15 +165,21 @@ def quantize(
     collect = weight_bytes_before >= COLLECT_ABOVE_BYTES
     notes: list[str] = []
     inputs = None
-    if refine in ("stats", "refit"):
+    if refine in ("stats", "refit") or target_bits is not None:
         # Made before anything changes the model: distillation needs its BatchNormalization nodes.
+        asked = refine
         inputs, refine, synthetic = _synthetic_inputs(working, weights, shapes, refine, synthetic, auto_synthetic,
                                                       samples, seed, synthetic_inputs, notes, say)
+        refine = "none" if asked == "none" else refine
+        if inputs is None and target_bits is not None:
+            raise InputError(f"--target-bits needs synthetic inputs: {notes.pop()}")
     reference_run = run_reference(working, weights, providers, check_batch, shapes=shapes) if check else None
-    if format == "qdq" and opset_in < required_opset(scheme):
-        target = required_opset(scheme)
+    needed = required_opset(scheme) if target_bits is None else max(storage_opset(b) for b in WIDTHS)
+    if format == "qdq" and opset_in < needed:
+        target = needed
         working = _upgrade_opset(working, target)
-        notes.append(f"opset upgraded from {opset_in} to {target} for the integer storage types of {scheme} qdq")
+        widths = str(scheme) if target_bits is None else "--target-bits"
+        notes.append(f"opset upgraded from {opset_in} to {target} for the integer storage types of {widths} qdq")
     lap("load")
 
     graph = import_graph(working, weights)
@@ -186,26 +203,29 @@ def quantize(
     roles = assign_roles(list(layers), search.pairs)
     lap("pairs")
 
-    bits = {name: scheme.low if roles[name][0] == "low" else scheme.high for name in layers}
-    per_channel = {name: per_channel_scales(granularity, bits[name]) for name in layers}
     rows = {name: to_rows(layer.weight, layer.out_axis) for name, layer in layers.items()}
-    quantized = {name: quantize_rows(rows[name], bits[name], per_channel[name],
-                                     ternary_threshold, kbit_range)
-                 for name in layers}
+    quantizer = lambda name, b: quantize_rows(rows[name], b, per_channel_scales(granularity, b), ternary_threshold,
+                                              kbit_range)
+    compensator = lambda name, q: solve_compensation(rows[name], q.dequantize(), layers[name].bias, lambda1, lambda2)
+    if target_bits is None:
+        bits = {name: scheme.low if roles[name][0] == "low" else scheme.high for name in layers}
+    else:
+        bits = _allocate(graph, working, layers, search.pairs, inputs, target_bits, quantizer,
+                         compensator if compensate else None, notes, say)
+    per_channel = {name: per_channel_scales(granularity, bits[name]) for name in layers}
+    quantized = {name: quantizer(name, bits[name]) for name in layers}
     lap("quantize")
 
     compensation = {}
     if compensate:
         for pair in search.pairs:
-            producer = layers[pair.producer]
-            compensation[pair.producer] = solve_compensation(
-                rows[pair.producer], quantized[pair.producer].dequantize(), producer.bias, lambda1, lambda2)
+            compensation[pair.producer] = compensator(pair.producer, quantized[pair.producer])
     qlayers = {name: QuantizedLayer(layer, roles[name][0], roles[name][1], quantized[name], compensation.get(name))
                for name, layer in layers.items()}
     lap("solve")
 
     if refine != "none" and qlayers:
-        qlayers = _refine(graph, qlayers, folding.preactivation, working, scheme, per_channel, kbit_range, refine,
+        qlayers = _refine(graph, qlayers, folding.preactivation, working, bits, per_channel, kbit_range, refine,
                           inputs, say)
         lap("refine")
 
@@ -228,7 +248,7 @@ def quantize(
         lap("check")
 
     report = Report(
-        input=label, scheme=str(scheme), format=format, granularity=granularity,
+        input=label, scheme=str(scheme) if target_bits is None else f"target {target_bits:g} bits", format=format, granularity=granularity,
         ternary_threshold=ternary_threshold, lambda1=lambda1, lambda2=lambda2,
         compensation=compensate, placement=placement, refine=refine,
         synthetic=synthetic if refine in ("stats", "refit") else None,
@@ -461,6 +481,56 @@ def _opset_model(working: onnx.ModelProto) -> onnx.ModelProto:
     return reference
 
 
+def _allocate(graph: gs.Graph, working: onnx.ModelProto, layers: dict[str, Layer], pairs: tuple[Pair, ...],
+              inputs: np.ndarray, target_bits: float, quantizer: Callable[[str, int], QuantizedWeight],
+              compensator: Callable[[str, QuantizedWeight], np.ndarray] | None, notes: list[str],
+              say: Callable[[str], None]) -> dict[str, int]:
+    """``--target-bits``: bits per layer from ``allocate.greedy_allocation``, each unit's output noise
+    measured alone (paper compensation, no refinement) on ``inputs``."""
+    units = make_units(list(layers), pairs)
+    sizes = {name: int(layer.weight.size) for name, layer in layers.items()}
+    try:
+        probe = output_probe(graph, layers, inputs, _opset_model(working), _chunk(graph))
+    except ORT_ERRORS as err:
+        raise InputError(f"onnxruntime cannot run the input model for --target-bits ({first_line(err)})") from None
+    cache: dict[tuple[str, int], QuantizedWeight] = {}
+
+    def weights(name: str, b: int, compensated: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        if (name, b) not in cache:
+            cache[name, b] = quantizer(name, b)
+        q, layer = cache[name, b], layers[name]
+        bias = layer.bias
+        if compensated and compensator is not None:
+            c = compensator(name, q)
+            q, bias = q.with_scale(q.scale * c), None if bias is None else (bias * c).astype(np.float32)
+        return {name: (from_rows(q.dequantize(), layer.weight.shape, layer.out_axis), bias)}
+
+    noise = {}
+    for i, unit in enumerate(units):
+        for low, high in unit.options():
+            changes = weights(unit.consumer, high, False)
+            for producer in unit.producers:
+                changes.update(weights(producer, low, True))
+            noise[i, (low, high)] = probe.noise(changes)[1]
+        if (i + 1) % 10 == 0 or i + 1 == len(units):
+            say(f"target bits: {i + 1}/{len(units)} units measured at each width")
+    choice = greedy_allocation(units, sizes, noise, target_bits)
+    bits = {}
+    for i, unit in enumerate(units):
+        low, high = choice[i]
+        bits.update({p: low for p in unit.producers})
+        bits[unit.consumer] = high
+    average = sum(unit_bits(u, choice[i], sizes) for i, u in enumerate(units)) / sum(sizes.values())
+    counts: dict[str, int] = {}
+    for i, unit in enumerate(units):
+        key = f"{choice[i][0]}/{choice[i][1]} pair" if unit.producers else f"{choice[i][1]}-bit layer"
+        counts[key] = counts.get(key, 0) + 1
+    reached = "" if average <= target_bits + 1e-9 else " (the narrowest allocation; the budget is below it)"
+    notes.append(f"--target-bits {target_bits:g}: {average:.2f} integer bits per quantized weight{reached}; "
+                 + ", ".join(f"{count} x {key}" for key, count in sorted(counts.items())))
+    return bits
+
+
 def _relax_relu6(graph: gs.Graph, preactivation: dict, working: onnx.ModelProto, inputs: np.ndarray | None,
                  notes: list[str]) -> list[str]:
     """``--relu6 relu`` (relu6.py): Clip(0, hi) -> Relu where statistics say the clip is rarely reached."""
@@ -552,14 +622,14 @@ def _synthetic_inputs(model: onnx.ModelProto, weights: dict[str, np.ndarray], sh
 
 
 def _refine(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], preactivation: dict, working: onnx.ModelProto,
-            scheme: Scheme, per_channel: dict[str, bool], kbit_range: str, refine: str, inputs: np.ndarray | None,
+            bits: dict[str, int], per_channel: dict[str, bool], kbit_range: str, refine: str, inputs: np.ndarray | None,
             say: Callable[[str], None]) -> dict[str, QuantizedLayer]:
     """The refinement stage: BatchNorm bias correction, or statistics matching (with refit) on ``inputs``."""
     if refine == "bias":
         return _correct_biases(qlayers, preactivation)
     refit = None
     if refine == "refit":
-        refit = lambda name, weight_rows: quantize_rows(weight_rows, scheme.high, per_channel[name],
+        refit = lambda name, weight_rows: quantize_rows(weight_rows, bits[name], per_channel[name],
                                                         weight_range=kbit_range)
     return _refine_statistics(graph, qlayers, working, inputs, say, refit)
 

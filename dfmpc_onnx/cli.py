@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheme", default="2/6",
                         help="LOW/HIGH bit widths; LOW=2 is ternary (Eqs. 3-4), other widths DoReFa (Eq. 6). "
                              "Default 2/6")
+    parser.add_argument("--target-bits", type=float, metavar="B",
+                        help="instead of --scheme's two widths, choose 2/4/6/8 bits per pair and per unpaired layer "
+                             "for an average of at most B stored bits per quantized weight, by output agreement "
+                             "with the float model on the synthetic inputs (inference only, no data)")
     parser.add_argument("--format", choices=("qdq", "float"), default="qdq",
                         help="qdq: integer weights + DequantizeLinear (default); float: dequantized float weights")
     parser.add_argument("--granularity", choices=("auto", "tensor", "channel"), default="auto",
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             ternary_threshold=args.ternary_threshold, kbit_range=args.kbit_range,
             lambda1=args.lambda1, lambda2=args.lambda2, compensate=args.compensate, placement=args.placement,
             refine=args.refine, synthetic=args.synthetic, samples=args.samples, seed=args.seed,
-            relu6=args.relu6, keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,
+            relu6=args.relu6, target_bits=args.target_bits, keep_first=args.keep_first, keep_last=args.keep_last, exclude=args.exclude, check=args.check,
             providers=[p.strip() for p in args.providers.split(",") if p.strip()], check_batch=args.check_batch,
             input_shapes=parse_input_shapes(args.input_shape),
             external_data=args.external_data, keep_failed=args.keep_failed, log=log)

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import from_rows
+from .graph import Layer, from_rows
 from .plan import QuantizedLayer
 from .quantizers import QuantizedWeight
-from .refine import _session, _with_weight_inputs
+from .refine import session, with_weight_inputs
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray | None]]
 """Layer name -> (weight in the graph's layout, bias or None)."""
@@ -45,27 +45,32 @@ class OutputProbe:
         return [self.session.run(self.output_names, {self.input_name: self.inputs[start:start + self.chunk], **feed})
                 for start in range(0, len(self.inputs), self.chunk)]
 
-    def sqnr_db(self, changes: Weights) -> float:
+    def noise(self, changes: Weights) -> tuple[float, float]:
+        """(sum y^2, sum (y - yhat)^2) over every output and input, y float, yhat with ``changes``."""
         signal = noise = 0.0
         for reference, outputs in zip(self.reference, self.outputs(changes)):
             for ref, out in zip(reference, outputs):
                 ref64 = ref.astype(np.float64)
                 signal += float(np.sum(ref64 ** 2))
                 noise += float(np.sum((out.astype(np.float64) - ref64) ** 2))
+        return signal, noise
+
+    def sqnr_db(self, changes: Weights) -> float:
+        signal, noise = self.noise(changes)
         if noise == 0.0:
             return float("inf")
         return 10.0 * np.log10(max(signal, np.finfo(np.float64).tiny) / noise)
 
 
-def output_probe(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.ndarray,
+def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray,
                  opset_model: onnx.ModelProto, chunk: int) -> OutputProbe:
-    """An ``OutputProbe`` over ``graph`` (float, BatchNorm folded) for the layers of ``qlayers``."""
+    """An ``OutputProbe`` over ``graph`` (float, BatchNorm folded) whose ``layers`` can be changed."""
     output_names = [t.name for t in graph.outputs]
-    probe_graph, weight_inputs = _with_weight_inputs(graph, qlayers, output_names)
-    session = _session(probe_graph, opset_model)
-    float_weights = {name: (ql.layer.weight, np.zeros(ql.layer.out_channels, np.float32) if ql.layer.bias is None
-                            else ql.layer.bias) for name, ql in qlayers.items()}
-    probe = OutputProbe(session, session.get_inputs()[0].name, output_names, weight_inputs, inputs, chunk,
+    probe_graph, weight_inputs = with_weight_inputs(graph, layers, output_names)
+    runner = session(probe_graph, opset_model)
+    float_weights = {name: (layer.weight, np.zeros(layer.out_channels, np.float32) if layer.bias is None
+                            else layer.bias) for name, layer in layers.items()}
+    probe = OutputProbe(runner, runner.get_inputs()[0].name, output_names, weight_inputs, inputs, chunk,
                         float_weights, [])
     probe.reference = probe.outputs({})
     return probe

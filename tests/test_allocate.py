@@ -1,0 +1,48 @@
+"""The budgeted search (allocate.py) on hand-made noise tables, and --target-bits end to end."""
+
+import pytest
+
+from conftest import chain_model
+from dfmpc_onnx import quantize
+from dfmpc_onnx.allocate import Unit, greedy_allocation, unit_bits
+from dfmpc_onnx.errors import InputError
+
+
+def average(units, sizes, choice):
+    return sum(unit_bits(u, choice[i], sizes) for i, u in enumerate(units)) / sum(sizes.values())
+
+
+def test_budget_goes_where_the_noise_is():
+    units = [Unit(("p0",), "c0"), Unit(("p1",), "c1"), Unit((), "stem")]
+    sizes = {"p0": 100, "c0": 100, "p1": 100, "c1": 100, "stem": 10}
+    # unit 0 is ten times as sensitive as unit 1 at every width; the stem is insensitive
+    noise = {}
+    for i, scale in enumerate((10.0, 1.0, 0.01)):
+        for option in units[i].options():
+            noise[i, option] = scale * sum(2.0 ** -b for b in option)
+    choice = greedy_allocation(units, sizes, noise, 4.0)
+    assert average(units, sizes, choice) <= 4.0
+    assert sum(choice[0]) > sum(choice[1])  # the sensitive pair keeps more bits
+    assert choice[2][1] < choice[0][1]  # the insensitive layer keeps fewer bits than the sensitive consumer
+    assert average(units, sizes, greedy_allocation(units, sizes, noise, 8.0)) == 8.0
+
+
+def test_unreachable_budget_gives_the_narrowest():
+    units = [Unit(("p",), "c")]
+    sizes = {"p": 10, "c": 10}
+    noise = {(0, o): float(-sum(o)) for o in units[0].options()}
+    assert greedy_allocation(units, sizes, noise, 1.0) == {0: (2, 2)}
+
+
+def test_target_bits_meets_the_budget_and_says_so():
+    model, report = quantize(chain_model(), target_bits=3.0, synthetic="pink", samples=8, refine="none", check=False)
+    note = next(n for n in report.notes if n.startswith("--target-bits 3"))
+    assert float(note.split(": ")[1].split(" ")[0]) <= 3.0 + 1e-9
+    assert report.scheme == "target 3 bits"
+    assert {layer.bits for layer in report.layers} <= {2, 4, 6, 8}
+
+
+@pytest.mark.parametrize("bad", [1.0, 9.0, float("nan")])
+def test_target_bits_out_of_range_is_refused(bad):
+    with pytest.raises(InputError, match="--target-bits"):
+        quantize(chain_model(), target_bits=bad, check=False)
