@@ -34,8 +34,8 @@ def storage_parts(bits: int) -> tuple[tuple[type, int], ...]:
     (Eq. 6) are odd, so m = (q - 1) / 2 is a signed ``bits``-bit integer and
     W = s (2 m + 1): m goes in INT4, INT8 or INT16 with step 2, or, for 5 and
     6 bits, in an INT4 high part and a UINT2 low part, m = 4 hi + lo (steps
-    8 and 2), so that 6-bit weights take 6 bits. The "+ s" is a per-channel
-    constant added after the DequantizeLinear nodes.
+    8 and 2), so that 6-bit weights take 6 bits. The "+ s" is added after the
+    DequantizeLinear nodes; the file stores one scale per channel (``emit_qdq``).
     """
     if bits == 2:
         return ((ml_dtypes.int2, 1),)
@@ -161,26 +161,29 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
     for name, ql in qlayers.items():
         q, bias = effective_weights(ql)
         layer = ql.layer
-        scale = q.scale.astype(np.float32)
+        parts = storage_parts(q.bits)
+        base_step = parts[-1][1]
+        scale = q.scale.astype(np.float32) * np.float32(base_step)
         per_tensor = bool(np.all(scale == scale[0]))
         attrs = {} if per_tensor else {"axis": layer.out_axis}
+        # the file stores one scale per channel, (step of the last part) x s; the other parts' scales and the
+        # DoReFa offset s are exact power-of-two multiples of it, computed in the graph
+        base = gs.Constant(names.fresh(f"{name}.weight_scale"), np.array(scale[0]) if per_tensor else scale)
         terms = []
-        for index, ((dtype, step), part) in enumerate(zip(storage_parts(q.bits), split_codes(q))):
+        for index, ((dtype, step), part) in enumerate(zip(parts, split_codes(q))):
             values = from_rows(part, layer.weight.shape, layer.out_axis).astype(dtype)
             codes = gs.Constant(names.fresh(f"{name}.weight_{np.dtype(dtype).name}"),
                                 LazyValues(numpy_helper.from_array(values)))
-            part_scale = scale * np.float32(step)
-            scale_const = gs.Constant(names.fresh(f"{name}.weight_scale"),
-                                      np.array(part_scale[0]) if per_tensor else part_scale)
+            part_scale = base if step == base_step else _scaled(graph, names, name, base, step / base_step)
             terms.append(gs.Variable(names.fresh(f"{name}.weight_dq"), dtype=np.float32,
                                      shape=list(layer.weight.shape)))
             graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.DequantizeLinear{index or ''}",
-                                       inputs=[codes, scale_const], outputs=[terms[-1]], attrs=attrs))
-        if q.bits > 2:  # W = s (2 m + 1): the + s
+                                       inputs=[codes, part_scale], outputs=[terms[-1]], attrs=attrs))
+        if q.bits > 2:  # W = s (2 m + 1): the + s, broadcast along the output-channel axis
             shape = [1] * layer.weight.ndim
             shape[layer.out_axis] = -1
-            offset = scale[:1].reshape([1] * layer.weight.ndim) if per_tensor else scale.reshape(shape)
-            terms.append(gs.Constant(names.fresh(f"{name}.weight_offset"), offset))
+            channels = base if per_tensor else _reshaped(graph, names, name, base, shape)
+            terms.append(_scaled(graph, names, name, channels, 1.0 / base_step))
         weight = terms[0]
         for index, term in enumerate(terms[1:]):
             total = gs.Variable(names.fresh(f"{name}.weight_sum"), dtype=np.float32, shape=list(layer.weight.shape))
@@ -190,6 +193,23 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
         layer.node.inputs[1] = weight
         _set_bias(names, layer, bias)
     graph.toposort()
+
+
+def _scaled(graph: gs.Graph, names: NameSource, layer: str, tensor: gs.Tensor, factor: float) -> gs.Variable:
+    """A Mul node: ``tensor`` x ``factor`` (a power of two here, so exact in float32)."""
+    out = gs.Variable(names.fresh(f"{layer}.weight_scale_x{factor:g}"), dtype=np.float32)
+    graph.nodes.append(gs.Node("Mul", name=names.fresh(f"{layer}.weight_scale_mul"),
+                               inputs=[tensor, gs.Constant(names.fresh(f"{layer}.factor"), np.array(factor, np.float32))],
+                               outputs=[out]))
+    return out
+
+
+def _reshaped(graph: gs.Graph, names: NameSource, layer: str, tensor: gs.Tensor, shape: list[int]) -> gs.Variable:
+    out = gs.Variable(names.fresh(f"{layer}.weight_scale_reshaped"), dtype=np.float32)
+    graph.nodes.append(gs.Node("Reshape", name=names.fresh(f"{layer}.weight_scale_reshape"),
+                               inputs=[tensor, gs.Constant(names.fresh(f"{layer}.shape"), np.array(shape, np.int64))],
+                               outputs=[out]))
+    return out
 
 
 def _set_bias(names: NameSource, layer: Layer, bias: np.ndarray | None) -> None:

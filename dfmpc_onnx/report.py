@@ -150,13 +150,13 @@ def stored_bits_per_weight(model: onnx.ModelProto) -> float | None:
     """Bits the file spends per weight of its Conv, Gemm and MatMul layers, measured from the file.
 
     A layer's weight costs every initializer that its weight input is
-    computed from through DequantizeLinear and Add nodes (integers, scales,
-    zero points, offsets), or its float initializer; the weight count is the
+    computed from through DequantizeLinear, Add, Mul and Reshape nodes
+    (integers, scales, zero points, factors, shapes), or its float initializer; the weight count is the
     element count of the stored integers (or floats). Biases are not counted.
     None if the model has no such layer with a constant weight.
     """
     initializers = {t.name: t for t in model.graph.initializer}
-    producers = {out: node for node in model.graph.node if node.op_type in ("DequantizeLinear", "Add")
+    producers = {out: node for node in model.graph.node if node.op_type in ("DequantizeLinear", "Add", "Mul", "Reshape")
                  for out in node.output}
     bits = weights = 0
     for node in model.graph.node:

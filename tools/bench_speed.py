@@ -98,29 +98,39 @@ def dfmpc_stages(path: Path, out: Path, repeat: int, **options) -> tuple[float, 
     return runs[len(runs) // 2]
 
 
-class RandomBatches:
-    """onnxruntime's CalibrationDataReader protocol: ``count`` seeded Gaussian batches."""
+class Batches:
+    """onnxruntime's CalibrationDataReader protocol over a list of input arrays."""
 
-    def __init__(self, model: onnx.ModelProto, count: int, seed: int = 0):
-        value = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
-        shape = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
-        rng = np.random.default_rng(seed)
-        self.batches = iter([{value.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)])
+    def __init__(self, name: str, batches: list[np.ndarray]):
+        self.batches = iter([{name: batch} for batch in batches])
 
     def get_next(self):
         return next(self.batches, None)
 
 
-def ort_quantize_static(path: Path, out: Path, weight_type: str, calibration: int) -> None:
-    """What an onnxruntime user runs: shape pre-processing, then static QDQ quantization, per channel."""
+def random_batches(path: Path, count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` seeded Gaussian batches shaped as the model's input (dynamic dims as 1)."""
+    model = onnx.load(str(path), load_external_data=False)
+    value = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    shape = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(count)]
+
+
+def ort_quantize_static(path: Path, out: Path, weight_type: str, batches: list[np.ndarray]) -> None:
+    """What an onnxruntime user runs: shape pre-processing, then static QDQ quantization, per channel,
+    uint8 activations calibrated (MinMax) on ``batches``."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_suffix(".prep.onnx")
     quant_pre_process(str(path), str(prepared))
-    quantize_static(str(prepared), str(out), RandomBatches(onnx.load(str(prepared)), calibration),
+    model = onnx.load(str(prepared), load_external_data=False)
+    name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    quantize_static(str(prepared), str(out), Batches(name, batches),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QInt4)
+    prepared.unlink()
 
 
 def onnxsim_int4(path: Path, out: Path) -> None:
@@ -160,7 +170,8 @@ def bench_model(name: str, path: Path, workdir: Path, args: argparse.Namespace) 
     row["peers"] = {}
     for weight_type in ("int8", "int4"):
         row["peers"][f"ort {weight_type}"], _ = median_time(
-            lambda: ort_quantize_static(path, workdir / f"{name}.ort.onnx", weight_type, args.calibration), 1)
+            lambda: ort_quantize_static(path, workdir / f"{name}.ort.onnx", weight_type,
+                                        random_batches(path, args.calibration)), 1)
     if importlib.util.find_spec("onnxsim") is not None:
         row["peers"]["onnxsim int4"], _ = median_time(lambda: onnxsim_int4(path, workdir / f"{name}.sim.onnx"), 1)
     print(f"{name}: floor {row['floor']:.2f} s, dfmpc {row['dfmpc']:.2f} s ({row['dfmpc'] / row['floor']:.2f}x)",

@@ -1,0 +1,173 @@
+"""Accuracy per stored bit: top-1 against stored bits per weight, for the tool and for what users would
+otherwise run, on the shared CIFAR-10 ResNets.
+
+    python tools/bench_budget.py --readme          # the README's table and plot
+
+Rows per model, each scored on the shared test images (which are used for
+scoring only) with its stored bits per weight measured from the written file
+(``dfmpc_onnx.report.stored_bits_per_weight``: integers, scales, zero points
+and offsets of every Conv/Gemm weight, floats at 32) and its file size:
+
+- per-channel rounding at 8, 6, 4 and 3 bits (``--scheme B/B
+  --no-compensation --refine none --granularity channel``: Eq. 6's grid);
+- onnxruntime ``quantize_static``, QDQ per channel, int8 and int4 weights,
+  uint8 activations calibrated on 32 Gaussian-noise inputs, and int4
+  calibrated on 32 real images (the first 32 of jpeg10k: labelled real data);
+- the paper's DF-MPC at 2/6 and 3/6 (``--refine none``);
+- the tool's defaults at 2/6, 2/4, 3/6 and uniform 4 and 3;
+- ``--target-bits`` 4, 3.5, 3 and 2.5 with the default refinement.
+
+The tool's rows use the default synthetic inputs (distilled once per model
+when PyTorch is installed, else pink noise). Writes OUT/budget.md,
+OUT/budget.json and OUT/budget.png (matplotlib), and with --readme puts the
+table into README.md and the plot beside it in docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+import dfmpc_onnx
+from bench_accuracy import DATASETS, ROOT, SHARED, distilled_inputs, load_cifar, publish, top1
+from bench_speed import ort_quantize_static, random_batches
+from dfmpc_onnx.api import resolve_synthetic
+from dfmpc_onnx.report import stored_bits_per_weight
+
+ROUNDING = (8, 6, 4, 3)
+TOOL = [
+    ("DF-MPC (paper) 2/6", dict(scheme="2/6", refine="none")),
+    ("DF-MPC (paper) 3/6", dict(scheme="3/6", refine="none")),
+    ("dfmpc default 2/6", dict(scheme="2/6")),
+    ("dfmpc default 2/4", dict(scheme="2/4")),
+    ("dfmpc default 3/6", dict(scheme="3/6")),
+    ("dfmpc default, uniform 4", dict(scheme="4")),
+    ("dfmpc default, uniform 3", dict(scheme="3")),
+] + [(f"dfmpc --target-bits {b:g}", dict(target_bits=b)) for b in (4.0, 3.5, 3.0, 2.5)]
+
+
+def score(path: Path, data: dict) -> dict[str, float]:
+    return {name: top1(path, *arrays) for name, arrays in data.items()}
+
+
+def row(model: str, family: str, method: str, path: Path, data: dict, seconds: float | None) -> dict:
+    result = dict(model=model, family=family, method=method, bits=stored_bits_per_weight(onnx.load(str(path))),
+                  bytes=path.stat().st_size, seconds=None if seconds is None else round(seconds, 2),
+                  top1=score(path, data))
+    scores = "  ".join(f"{k} {v:6.2f} %" for k, v in result["top1"].items())
+    print(f"{model:18s} {method:40s} {result['bits']:5.2f} bits  {scores}", flush=True)
+    return result
+
+
+def run(models: list[str], datasets: list[str], workdir: Path) -> list[dict]:
+    data = {name: load_cifar(name) for name in datasets}
+    calibration_images = load_cifar("jpeg10k")[0][:32]
+    results = []
+    for model in models:
+        source = SHARED / "models" / f"{model}.onnx"
+        results.append(row(model, "float", "Float", source, data, None))
+        for bits in ROUNDING:
+            out = workdir / f"{model}-round{bits}.onnx"
+            start = time.perf_counter()
+            dfmpc_onnx.quantize_file(source, out, scheme=f"{bits}/{bits}", compensate=False, refine="none",
+                                     granularity="channel", check=False)
+            results.append(row(model, "rounding", f"per-channel rounding {bits}-bit", out, data,
+                               time.perf_counter() - start))
+        peers = [("onnxruntime int8, noise calibration", "int8", random_batches(source, 32)),
+                 ("onnxruntime int4, noise calibration", "int4", random_batches(source, 32)),
+                 ("onnxruntime int4, 32 real images (real data)", "int4", [x[None] for x in calibration_images])]
+        for method, weight_type, batches in peers:
+            out = workdir / f"{model}-{weight_type}-{len(results)}.onnx"
+            start = time.perf_counter()
+            ort_quantize_static(source, out, weight_type, batches)
+            results.append(row(model, "onnxruntime", method, out, data, time.perf_counter() - start))
+        synthetic, distill_seconds = {}, 0.0
+        if resolve_synthetic("auto", onnx.load(str(source))) == "distill":
+            inputs, distill_seconds = distilled_inputs(source)
+            synthetic = {"synthetic_inputs": inputs, "synthetic": "distill"}
+        for method, options in TOOL:
+            out = workdir / f"{model}-{len(results)}.onnx"
+            start = time.perf_counter()
+            dfmpc_onnx.quantize_file(source, out, check=False, **options,
+                                     **({} if options.get("refine") == "none" else synthetic))
+            seconds = time.perf_counter() - start + (0.0 if options.get("refine") == "none" else distill_seconds)
+            family = "paper" if options.get("refine") == "none" else (
+                "target" if "target_bits" in options else "dfmpc")
+            results.append(row(model, family, method, out, data, seconds))
+    return results
+
+
+def markdown(results: list[dict], datasets: list[str]) -> str:
+    head = " | ".join(f"top-1 {name} (%)" for name in datasets)
+    lines = [f"| model | method | stored bits / weight | {head} | file (bytes) | time (s) |",
+             "|---|---|---|" + "---|" * len(datasets) + "---|---|"]
+    for r in results:
+        scores = " | ".join(f"{r['top1'][name]:.2f}" for name in datasets)
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['model']} | {r['method']} | {r['bits']:.2f} | {scores} | {r['bytes']:,} | {seconds} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], dataset: str, path: Path) -> None:
+    """Top-1 on ``dataset`` against stored bits per weight, one panel per model (float as a line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    styles = {"rounding": ("o", "tab:gray"), "onnxruntime": ("s", "tab:orange"), "paper": ("v", "tab:purple"),
+              "dfmpc": ("D", "tab:blue"), "target": ("*", "tab:green")}
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        rows = [r for r in results if r["model"] == model]
+        for r in rows:
+            if r["family"] == "float":
+                axis.axhline(r["top1"][dataset], color="black", linestyle="--", linewidth=1, label="float")
+        for family, (marker, color) in styles.items():
+            points = sorted((r["bits"], r["top1"][dataset]) for r in rows if r["family"] == family)
+            if points:
+                axis.plot(*zip(*points), marker=marker, color=color, linestyle="-" if family in (
+                    "rounding", "target") else "none", label=family)
+        axis.set_xlim(1.5, 9)
+        axis.set_ylim(max(0, min(r["top1"][dataset] for r in rows) - 5), 100)
+        axis.set_xlabel("stored bits per weight (measured from the file)")
+        axis.set_ylabel(f"top-1 on {dataset} (%)")
+        axis.set_title(model)
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["cifar10_resnet20", "cifar10_resnet56"])
+    parser.add_argument("--data", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table, JSON and plot")
+    parser.add_argument("--readme", action="store_true",
+                        help="also put the table into README.md and the plot into docs/budget.png")
+    args = parser.parse_args()
+    missing = [name for name in set(args.data) | {"jpeg10k"} if not (SHARED / "data" / DATASETS[name]).exists()]
+    if missing:
+        print(f"skipped: {SHARED}/data lacks {', '.join(DATASETS[name] for name in missing)}", file=sys.stderr)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        results = run(args.models, args.data, Path(workdir))
+    plot(results, args.data[0], args.out / "budget.png")
+    if args.readme:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        plot(results, args.data[0], ROOT / "docs" / "budget.png")
+    publish(markdown(results, args.data), results, args.out, "budget", args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
