@@ -37,7 +37,7 @@ def dequantized_weights(model):
         return codes * scale
 
     return {node.name: evaluate(node.input[1]) for node in model.graph.node
-            if node.op_type in ("Conv", "Gemm") and node.input[1] in producers}
+            if node.op_type in ("Conv", "Gemm", "MatMul") and node.input[1] in producers}
 
 
 def float_weights(model):
@@ -157,3 +157,26 @@ def test_integer_parts_take_the_bits_of_the_scheme(scheme, bits):
     small_constants = 8 * (4 + 4 + 8 * 4)  # per layer at most: two float factors, a 4-d shape
     # one float scale per row; everything else is a few bytes per layer
     assert bits <= report.stored_bits <= bits + (32 * sum(rows.values()) + small_constants * len(rows)) / weights
+
+
+@pytest.mark.parametrize("scheme", ["6/6", "4/4", "8/8"])
+def test_matmul_weights_with_output_channels_on_axis_1(scheme):
+    """A MatMul weight is (in, out): its scales run along axis 1, and so must the DoReFa offset."""
+    from conftest import GraphBuilder
+
+    g = GraphBuilder()
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [g.conv("x", 3, 8, name="stem")])])
+    w = g.const("mm.w", g.rng.normal(0, 0.3, (8, 16)) * np.linspace(0.1, 3.0, 16))  # columns of unequal range
+    model = g.model(g.node("MatMul", [x, w], name="mm"))
+    qdq, _ = quantize(model, scheme, format="qdq", check=False, refine="none", granularity="channel")
+    flt, _ = quantize(model, scheme, format="float", check=False, refine="none", granularity="channel")
+    values = initializers(flt)
+    weight = next(values[n.input[1]] for n in flt.graph.node if n.op_type == "MatMul")
+    scales = {n.name: n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.name.startswith("mm.")}
+    assert scales and all(next(a.i for a in n.attribute if a.name == "axis") == 1 for n in scales.values())
+    np.testing.assert_array_equal(dequantized_weights(qdq)["mm"], weight)
+    x = np.random.default_rng(5).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_model(qdq, x), run_model(flt, x), rtol=1e-5, atol=1e-6)
+    original = initializers(model)["mm.w"]  # per column, the error is at most half a step of that column's grid
+    step = np.abs(original).max(axis=0) / (2 ** int(scheme[0]) - 1)
+    assert np.all(np.abs(weight - original) <= step * 1.0001)
