@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from numba import njit, prange
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -80,10 +82,51 @@ def split_codes(q: QuantizedWeight) -> list[np.ndarray]:
     """The integer parts of ``storage_parts(q.bits)`` for q's codes (rows), in order."""
     if q.bits == 2:
         return [q.codes]
-    m = (q.codes.astype(np.int32) - 1) // 2
     if len(storage_parts(q.bits)) == 2:
-        return [m >> 2, m & 3]
-    return [m]
+        return list(_high_and_low(q.codes))
+    return [(q.codes - 1) // 2]  # odd codes: exact, and in the codes' own integer type
+
+
+@njit(cache=True, parallel=True)
+def _high_and_low(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """m = (q - 1) / 2 split as m = 4 hi + lo, hi in [-8, 7], lo in [0, 3], in one pass."""
+    high = np.empty(codes.shape, dtype=np.int8)
+    low = np.empty(codes.shape, dtype=np.int8)
+    for j in prange(codes.shape[0]):
+        for k in range(codes.shape[1]):
+            m = (np.int32(codes[j, k]) - 1) >> 1
+            high[j, k] = m >> 2
+            low[j, k] = m & 3
+    return high, low
+
+
+def packed_tensor(name: str, values: np.ndarray, dtype: type) -> onnx.TensorProto:
+    """``values`` (integers in range) as a TensorProto of ``dtype``; INT2/UINT2 four and INT4 two to a byte,
+    first element in the lowest bits, as the ONNX spec lays them out."""
+    if dtype not in (ml_dtypes.int2, ml_dtypes.uint2, ml_dtypes.int4):
+        return numpy_helper.from_array(values.astype(dtype), name)
+    bits = 4 if dtype is ml_dtypes.int4 else 2
+    data_type = {ml_dtypes.int2: onnx.TensorProto.INT2, ml_dtypes.uint2: onnx.TensorProto.UINT2,
+                 ml_dtypes.int4: onnx.TensorProto.INT4}[dtype]
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=values.shape)
+    tensor.raw_data = _pack(np.ascontiguousarray(values, dtype=np.int8).reshape(-1), bits).tobytes()
+    return tensor
+
+
+@njit(cache=True, parallel=True)
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    count = values.size
+    out = np.empty((count + per_byte - 1) // per_byte, dtype=np.uint8)
+    for b in prange(out.size):
+        byte = 0
+        for k in range(per_byte):
+            i = b * per_byte + k
+            if i < count:
+                byte |= (np.int32(values[i]) & mask) << (bits * k)
+        out[b] = np.uint8(byte)
+    return out
 
 
 def effective_weights(qlayer: QuantizedLayer) -> tuple[QuantizedWeight, np.ndarray | None]:
@@ -171,9 +214,9 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
         base = gs.Constant(names.fresh(f"{name}.weight_scale"), np.array(scale[0]) if per_tensor else scale)
         terms = []
         for index, ((dtype, step), part) in enumerate(zip(parts, split_codes(q))):
-            values = from_rows(part, layer.weight.shape, layer.out_axis).astype(dtype)
-            codes = gs.Constant(names.fresh(f"{name}.weight_{np.dtype(dtype).name}"),
-                                LazyValues(numpy_helper.from_array(values)))
+            values = from_rows(part, layer.weight.shape, layer.out_axis)
+            codes_name = names.fresh(f"{name}.weight_{np.dtype(dtype).name}")
+            codes = gs.Constant(codes_name, LazyValues(packed_tensor(codes_name, values, dtype)))
             part_scale = base if step == base_step else _scaled(graph, names, name, base, step / base_step)
             terms.append(gs.Variable(names.fresh(f"{name}.weight_dq"), dtype=np.float32,
                                      shape=list(layer.weight.shape)))

@@ -180,3 +180,17 @@ def test_matmul_weights_with_output_channels_on_axis_1(scheme):
     original = initializers(model)["mm.w"]  # per column, the error is at most half a step of that column's grid
     step = np.abs(original).max(axis=0) / (2 ** int(scheme[0]) - 1)
     assert np.all(np.abs(weight - original) <= step * 1.0001)
+
+
+@pytest.mark.parametrize("dtype_name, low, high", [("int4", -8, 8), ("int2", -2, 2), ("uint2", 0, 4)])
+@pytest.mark.parametrize("shape", [(3, 5, 3, 3), (7,), (1,)])
+def test_packing_matches_onnx(dtype_name, low, high, shape):
+    """The Numba packer lays sub-byte integers out exactly as onnx's own numpy_helper does."""
+    import ml_dtypes
+    from dfmpc_onnx.emit import packed_tensor
+
+    dtype = getattr(ml_dtypes, dtype_name)
+    values = np.random.default_rng(len(shape)).integers(low, high, size=shape).astype(np.int8)
+    ours, theirs = packed_tensor("t", values, dtype), numpy_helper.from_array(values.astype(dtype), "t")
+    assert (ours.raw_data, ours.data_type, list(ours.dims)) == (theirs.raw_data, theirs.data_type, list(theirs.dims))
+    np.testing.assert_array_equal(numpy_helper.to_array(ours).astype(np.int8), values)

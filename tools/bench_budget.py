@@ -26,6 +26,7 @@ table into README.md and the plot beside it in docs/.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -134,8 +135,14 @@ def plot(results: list[dict], dataset: str, path: Path) -> None:
             if points:
                 axis.plot(*zip(*points), marker=marker, color=color, linestyle="-" if family in (
                     "rounding", "target") else "none", label=family)
+        float_top1 = next(r["top1"][dataset] for r in rows if r["family"] == "float")
+        shown = [r["top1"][dataset] for r in rows if r["top1"][dataset] >= float_top1 - 25]
+        below = [r for r in rows if r["top1"][dataset] < float_top1 - 25]
         axis.set_xlim(1.5, 9)
-        axis.set_ylim(max(0, min(r["top1"][dataset] for r in rows) - 5), 100)
+        axis.set_ylim(min(shown) - 2, max(shown) + 2)
+        if below:
+            axis.text(0.02, 0.02, "below the axis: " + "; ".join(
+                f"{r['method']} {r['top1'][dataset]:.1f} %" for r in below), transform=axis.transAxes, fontsize=7)
         axis.set_xlabel("stored bits per weight (measured from the file)")
         axis.set_ylabel(f"top-1 on {dataset} (%)")
         axis.set_title(model)
@@ -153,7 +160,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table, JSON and plot")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md and the plot into docs/budget.png")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots from OUT/budget.json")
     args = parser.parse_args()
+    if args.replot:
+        results = json.loads((args.out / "budget.json").read_text())
+        plot(results, args.data[0], args.out / "budget.png")
+        plot(results, args.data[0], ROOT / "docs" / "budget.png")
+        return 0
     missing = [name for name in set(args.data) | {"jpeg10k"} if not (SHARED / "data" / DATASETS[name]).exists()]
     if missing:
         print(f"skipped: {SHARED}/data lacks {', '.join(DATASETS[name] for name in missing)}", file=sys.stderr)
