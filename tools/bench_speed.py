@@ -195,7 +195,7 @@ def markdown(rows: list[dict], compile_time: dict[str, float], refinements: list
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Numba's first call: {compile_time['compile']:.1f} s of compilation (a fresh process "
-                 f"quantizing ResNet-20-sized work took {compile_time['cold cache']:.1f} s with an empty cache, "
+                 f"quantizing models/bottleneck_resnet.onnx took {compile_time['cold cache']:.1f} s with an empty cache, "
                  f"{compile_time['warm cache']:.1f} s with the cache it left on disk); every time above is with "
                  f"the cache warm. {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
                  f"Python {platform.python_version()}.")
