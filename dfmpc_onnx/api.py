@@ -547,7 +547,7 @@ def _relax_relu6(graph: gs.Graph, preactivation: dict, working: onnx.ModelProto,
     replaced, kept = replace_rare_clips(clips, statistics)
     if clips:
         notes.append(f"--relu6 relu: {len(replaced)} of {len(clips)} Clip(0, max) replaced by Relu (a model change)"
-                     + (f"; kept: " + "; ".join(f"{name} ({reason})" for name, reason in kept) if kept else ""))
+                     + ("; kept: " + "; ".join(f"{name} ({reason})" for name, reason in kept) if kept else ""))
     return replaced
 
 

@@ -17,9 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import Layer, from_rows
-from .plan import QuantizedLayer
-from .quantizers import QuantizedWeight
+from .graph import Layer
 from .refine import session, with_weight_inputs
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray | None]]
@@ -29,7 +27,7 @@ Weights = dict[str, tuple[np.ndarray, np.ndarray | None]]
 @dataclass
 class OutputProbe:
     """The float graph with its layers' weights as inputs, its float outputs on ``inputs``, and the float
-    weights; ``sqnr_db(changes)`` scores the model with ``changes`` (layer -> weights) applied."""
+    weights; ``noise(changes)`` scores the model with ``changes`` (layer -> weights) applied."""
 
     session: object
     input_name: str
@@ -55,12 +53,6 @@ class OutputProbe:
                 noise += float(np.sum((out.astype(np.float64) - ref64) ** 2))
         return signal, noise
 
-    def sqnr_db(self, changes: Weights) -> float:
-        signal, noise = self.noise(changes)
-        if noise == 0.0:
-            return float("inf")
-        return 10.0 * np.log10(max(signal, np.finfo(np.float64).tiny) / noise)
-
 
 def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray,
                  opset_model: onnx.ModelProto, chunk: int) -> OutputProbe:
@@ -74,12 +66,6 @@ def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray,
                         float_weights, [])
     probe.reference = probe.outputs({})
     return probe
-
-
-def layer_weights(ql: QuantizedLayer, entry: tuple[QuantizedWeight, np.ndarray | None]) -> Weights:
-    """The (weight, bias) that a layer computes with, for ``OutputProbe``."""
-    q, bias = entry
-    return {ql.layer.name: (from_rows(q.dequantize(), ql.layer.weight.shape, ql.layer.out_axis), bias)}
 
 
 def _feed(weights: Weights, names: dict[str, tuple[str, str | None]], float_weights: Weights) -> dict[str, np.ndarray]:

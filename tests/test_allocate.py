@@ -46,3 +46,25 @@ def test_target_bits_meets_the_budget_and_says_so():
 def test_target_bits_out_of_range_is_refused(bad):
     with pytest.raises(InputError, match="--target-bits"):
         quantize(chain_model(), target_bits=bad, check=False)
+
+
+def test_output_probe_measures_only_the_changed_layers():
+    from conftest import chain_model
+    from dfmpc_onnx.api import _opset_model
+    from dfmpc_onnx.fold import fold_batchnorm
+    from dfmpc_onnx.graph import find_layers, import_graph
+    from dfmpc_onnx.load import load_model
+    from dfmpc_onnx.sensitivity import output_probe
+    from dfmpc_onnx.synthetic import synthetic_batch
+
+    model = load_model(chain_model())
+    graph = import_graph(model)
+    fold_batchnorm(graph)
+    layers, _ = find_layers(graph)
+    probe = output_probe(graph, layers, synthetic_batch([1, 3, 8, 8], "pink", 4, 0), _opset_model(model), 1)
+    signal, noise = probe.noise({})
+    assert signal > 0 and noise == 0.0
+    layer = layers["conv1"]
+    small = probe.noise({"conv1": (layer.weight * 1.01, layer.bias)})[1]
+    large = probe.noise({"conv1": (layer.weight * 1.5, layer.bias)})[1]
+    assert 0 < small < large

@@ -1,6 +1,5 @@
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from conftest import GraphBuilder, chain_model, residual_model, run_model
 from dfmpc_onnx.fold import fold_batchnorm

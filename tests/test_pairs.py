@@ -1,5 +1,4 @@
 import numpy as np
-from onnx import helper
 
 from conftest import GraphBuilder, chain_model, residual_model
 from dfmpc_onnx.fold import fold_batchnorm
