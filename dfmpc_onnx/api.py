@@ -493,17 +493,16 @@ def _allocate(graph: gs.Graph, working: onnx.ModelProto, layers: dict[str, Layer
         probe = output_probe(graph, layers, inputs, _opset_model(working), _chunk(graph))
     except ORT_ERRORS as err:
         raise InputError(f"onnxruntime cannot run the input model for --target-bits ({first_line(err)})") from None
-    cache: dict[tuple[str, int], QuantizedWeight] = {}
+    cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None]] = {}
 
     def weights(name: str, b: int, compensated: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-        if (name, b) not in cache:
-            cache[name, b] = quantizer(name, b)
-        q, layer = cache[name, b], layers[name]
-        bias = layer.bias
-        if compensated and compensator is not None:
-            c = compensator(name, q)
-            q, bias = q.with_scale(q.scale * c), None if bias is None else (bias * c).astype(np.float32)
-        return {name: (from_rows(q.dequantize(), layer.weight.shape, layer.out_axis), bias)}
+        """The layer at ``b`` bits as it would compute, with the producer's c when ``compensated``."""
+        if (name, b, compensated) not in cache:
+            q, layer = quantizer(name, b), layers[name]
+            c = compensator(name, q) if compensated and compensator is not None else None
+            q, bias = effective_weights(QuantizedLayer(layer, "low" if compensated else "high", None, q, c))
+            cache[name, b, compensated] = (from_rows(q.dequantize(), layer.weight.shape, layer.out_axis), bias)
+        return {name: cache[name, b, compensated]}
 
     noise = {}
     for i, unit in enumerate(units):

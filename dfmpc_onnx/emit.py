@@ -61,12 +61,6 @@ def storage_opset(bits: int) -> int:
     return max(OPSET_FOR_TYPE[dtype] for dtype, _ in storage_parts(bits))
 
 
-def stored_bits(bits: int) -> int:
-    """Bits per weight in the file for a layer quantized to ``bits`` (INT2/UINT2 four to a byte, INT4 two)."""
-    return sum(np.dtype(dtype).itemsize * 8 if dtype in (np.int8, np.int16) else
-               (2 if dtype in (ml_dtypes.int2, ml_dtypes.uint2) else 4) for dtype, _ in storage_parts(bits))
-
-
 def stored_rows(q: QuantizedWeight) -> np.ndarray:
     """The weight rows exactly as the qdq model computes them from its stored integers, in float32:
     each part times (step x scale), summed, plus the scale for DoReFa codes."""

@@ -39,7 +39,8 @@ def fold_batchnorm_params(
     sigma = np.sqrt(var.astype(np.float64) + epsilon)
     scale = gamma.astype(np.float64) / sigma
     b = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
-    new_weight = _scale_rows(np.ascontiguousarray(weight).reshape(weight.shape[0], int(np.prod(weight.shape[1:]))), scale).reshape(weight.shape)
+    rows = np.ascontiguousarray(weight).reshape(weight.shape[0], int(np.prod(weight.shape[1:])))
+    new_weight = _scale_rows(rows, scale).reshape(weight.shape)
     new_bias = beta.astype(np.float64) + (b - mean.astype(np.float64)) * scale
     return new_weight, new_bias.astype(np.float32)
 

@@ -58,8 +58,8 @@ def load_split(source: str | os.PathLike | onnx.ModelProto,
     if external:
         _read_external_data(model, base_dir, label)
     weights = _take_weights(model, min_bytes, label)
+    _check_names_are_text(model, label)  # after the weights are taken: it then walks kilobytes
     model = _checked_and_inferred(model, set(weights), label)
-    _check_names_are_text(model, label)
     _check_finite_weights(model, weights, label)
     _check_batchnorm_variance(model, label)
     return model, weights
@@ -71,8 +71,6 @@ def _take_weights(model: onnx.ModelProto, min_bytes: int, label: str) -> dict[st
     for tensor in model.graph.initializer:
         if tensor.data_type not in FLOAT_TYPES or not tensor.HasField("raw_data") or _nbytes(tensor) < min_bytes:
             continue
-        if not isinstance(tensor.name, str):
-            raise InputError(f"{label}: not a valid ONNX model: a name or string is not valid UTF-8 text")
         try:
             weights[tensor.name] = numpy_helper.to_array(tensor)
         except ValueError:  # raw_data of the wrong length for the dims

@@ -96,7 +96,8 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, weig
         Q_k(W) = M (2/(2^k - 1) round((2^k - 1)(W/(2M) + 1/2)) - 1),  M = max(|W|)
 
     The 2^k levels are M q / (2^k - 1) for odd q in [-(2^k - 1), 2^k - 1]:
-    codes are q, scale is M / (2^k - 1), stored in a signed (k+1)-bit integer.
+    codes are q (held in a signed (k+1)-bit type; ``emit.storage_parts`` stores
+    them in k bits), scale is M / (2^k - 1).
     M is taken per tensor (the paper) or per output channel. ``weight_range``
     "mse" replaces M = max|W| by the alpha M (alpha in [0.3, 1]) that
     minimises the squared error, clipping the few largest weights.

@@ -65,22 +65,27 @@ def match_statistics(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], state:
     chunks = [inputs[start:start + chunk] for start in range(0, len(inputs), chunk)]
     float_values = {segments.input_name: chunks}
     quantized_values = {segments.input_name: chunks}
-    float_feed = _float_feed(qlayers)
+    layers = {name: ql.layer for name, ql in qlayers.items()}
+    float_feed = weight_feed(segments.weight_inputs, layers,
+                             {name: (layer.weight, layer.bias) for name, layer in layers.items()})
     state = dict(state)
+
+    def quantized_feed(index: int) -> dict[str, np.ndarray]:
+        return weight_feed(segments.weight_inputs, layers,
+                           {name: _dequantized(qlayers[name], state[name]) for name in segments.layers[index]})
+
     for index, name in enumerate(convs):
         output = qlayers[name].layer.node.outputs[0].name
         float_values.update(segments.run(index, float_values, float_feed))
-        quantized_feed = _weight_feed(qlayers, state, segments.layers[index])
-        quantized_values.update(segments.run(index, quantized_values, quantized_feed))
+        quantized_values.update(segments.run(index, quantized_values, quantized_feed(index)))
         if name in fittable:
             state[name] = _refit_conv(qlayers[name], quantized_values[conv_inputs[name]], float_values[output],
                                       refit)
-            quantized_feed = _weight_feed(qlayers, state, segments.layers[index])
-            quantized_values.update(segments.run(index, quantized_values, quantized_feed))
+            quantized_values.update(segments.run(index, quantized_values, quantized_feed(index)))
         m_f, v_f = _array_statistics(float_values[output])
         m_q, v_q = _array_statistics(quantized_values[output])
-        state[name] = _rescale(state[name], m_f, v_f, m_q, v_q)
         a = channel_affine(m_f, v_f, m_q, v_q)
+        state[name] = _rescale(state[name], a, m_q, m_f)
         quantized_values[output] = [_affine(values, a, m_q, m_f) for values in quantized_values[output]]
         for values in (float_values, quantized_values):
             for dead in segments.last_used_by[index]:
@@ -241,9 +246,9 @@ def channel_affine(m_f: np.ndarray, v_f: np.ndarray, m_q: np.ndarray, v_q: np.nd
     return np.where(measured, np.sqrt(np.maximum(v_f, 0.0) / np.where(measured, v_q, 1.0)), 1.0)
 
 
-def _rescale(entry: tuple[QuantizedWeight, np.ndarray | None], m_f, v_f, m_q, v_q):
+def _rescale(entry: tuple[QuantizedWeight, np.ndarray | None], a, m_q, m_f):
+    """The conv of ``entry`` followed by y <- a (y - m_q) + m_f: scales a_j s_j, bias a_j (b_j - m_q_j) + m_f_j."""
     q, bias = entry
-    a = channel_affine(m_f, v_f, m_q, v_q)
     b = np.zeros_like(a) if bias is None else bias.astype(np.float64)
     new_bias = a * (b - m_q) + m_f
     return q.with_scale(q.scale * a), new_bias.astype(np.float32)
@@ -309,27 +314,24 @@ def with_weight_inputs(graph: gs.Graph, layers: dict[str, Layer],
     return copy, names
 
 
-def _weight_feed(qlayers: dict[str, QuantizedLayer], state: State, names: list[str]) -> dict[str, np.ndarray]:
-    """The weight inputs of ``with_weight_inputs`` for the layers ``names``, from ``state``."""
+def weight_feed(weight_inputs: dict[str, tuple[str, str | None]], layers: dict[str, Layer],
+                weights: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, np.ndarray]:
+    """The inputs of ``with_weight_inputs`` (``weight_inputs``: layer -> input names) for the layers in
+    ``weights`` (layer -> weight in the graph's layout, bias; a missing bias is zero)."""
     feed = {}
-    for name in names:
-        q, bias = state[name]
-        layer = qlayers[name].layer
-        feed[f"{name}::weight"] = from_rows(q.dequantize(), layer.weight.shape, layer.out_axis)
-        if layer.op in ("Conv", "Gemm"):
-            feed[f"{name}::bias"] = np.zeros(layer.out_channels, np.float32) if bias is None else bias.astype(np.float32)
+    for name, (weight, bias) in weights.items():
+        weight_name, bias_name = weight_inputs[name]
+        feed[weight_name] = np.asarray(weight, dtype=np.float32)
+        if bias_name is not None:
+            feed[bias_name] = (np.zeros(layers[name].out_channels, np.float32) if bias is None
+                               else np.asarray(bias, dtype=np.float32))
     return feed
 
 
-def _float_feed(qlayers: dict[str, QuantizedLayer]) -> dict[str, np.ndarray]:
-    """The weight inputs of ``with_weight_inputs`` holding the float weights."""
-    feed = {}
-    for name, ql in qlayers.items():
-        feed[f"{name}::weight"] = ql.layer.weight
-        if ql.layer.op in ("Conv", "Gemm"):
-            feed[f"{name}::bias"] = (np.zeros(ql.layer.out_channels, np.float32) if ql.layer.bias is None
-                                     else ql.layer.bias)
-    return feed
+def _dequantized(ql: QuantizedLayer, entry: tuple[QuantizedWeight, np.ndarray | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(weight in the graph's layout, bias) that a layer computes with at ``entry`` (codes and scales, bias)."""
+    q, bias = entry
+    return from_rows(q.dequantize(), ql.layer.weight.shape, ql.layer.out_axis), bias
 
 
 def session(graph: gs.Graph, opset_model: onnx.ModelProto) -> ort.InferenceSession:

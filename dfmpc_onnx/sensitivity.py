@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import Layer
-from .refine import session, with_weight_inputs
+from .refine import session, weight_feed, with_weight_inputs
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray | None]]
 """Layer name -> (weight in the graph's layout, bias or None)."""
@@ -35,11 +35,12 @@ class OutputProbe:
     weight_inputs: dict[str, tuple[str, str | None]]
     inputs: np.ndarray
     chunk: int
-    float_weights: Weights
+    layers: dict[str, Layer]
     reference: list[list[np.ndarray]]
 
     def outputs(self, changes: Weights) -> list[list[np.ndarray]]:
-        feed = _feed({**self.float_weights, **changes}, self.weight_inputs, self.float_weights)
+        float_weights = {name: (layer.weight, layer.bias) for name, layer in self.layers.items()}
+        feed = weight_feed(self.weight_inputs, self.layers, {**float_weights, **changes})
         return [self.session.run(self.output_names, {self.input_name: self.inputs[start:start + self.chunk], **feed})
                 for start in range(0, len(self.inputs), self.chunk)]
 
@@ -60,19 +61,7 @@ def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray,
     output_names = [t.name for t in graph.outputs]
     probe_graph, weight_inputs = with_weight_inputs(graph, layers, output_names)
     runner = session(probe_graph, opset_model)
-    float_weights = {name: (layer.weight, np.zeros(layer.out_channels, np.float32) if layer.bias is None
-                            else layer.bias) for name, layer in layers.items()}
     probe = OutputProbe(runner, runner.get_inputs()[0].name, output_names, weight_inputs, inputs, chunk,
-                        float_weights, [])
+                        layers, [])
     probe.reference = probe.outputs({})
     return probe
-
-
-def _feed(weights: Weights, names: dict[str, tuple[str, str | None]], float_weights: Weights) -> dict[str, np.ndarray]:
-    feed = {}
-    for name, (weight_name, bias_name) in names.items():
-        weight, bias = weights[name]
-        feed[weight_name] = np.asarray(weight, dtype=np.float32)
-        if bias_name is not None:  # a layer without bias has a zero float bias
-            feed[bias_name] = np.asarray(float_weights[name][1] if bias is None else bias, np.float32)
-    return feed
