@@ -5,10 +5,13 @@
     print(report.format_table())
 """
 
-from .api import quantize, quantize_file, save_model_atomic
-from .errors import CheckError, InputError
-from .plan import Scheme
+from .api import quantize, quantize_file
+from .errors import CheckError, InputError, InternalError
+from .options import Options, OutputOptions, Scheme
+from .progress import Console
 from .report import Report
+from .save import save_model_atomic
 
-__all__ = ["quantize", "quantize_file", "save_model_atomic", "CheckError", "InputError", "Scheme", "Report"]
+__all__ = ["quantize", "quantize_file", "save_model_atomic", "CheckError", "InputError", "InternalError", "Options",
+           "OutputOptions", "Scheme", "Console", "Report"]
 __version__ = "0.1.0"

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .pairs import Pair
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
 
-WIDTHS = (2, 4, 6, 8)
-"""Bit widths the search uses: 3 and 5 bits are stored in 4 and 6 (``emit.storage_parts``), so never cheaper."""
+from .graph import Layer, from_rows
+from .options import WIDTHS, Plan
+from .pairs import Pair
+from .plan import compensated, layer_compensation, quantize_layer
+from .progress import Console
+from .sensitivity import output_probe
 
 
 @dataclass(frozen=True)
@@ -106,3 +112,51 @@ def _refill(units: list[Unit], sizes: dict[str, int], noise: dict[tuple[int, tup
         _, i, option, added = best
         choice[i] = option
         spare -= added
+
+
+def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], pairs: tuple[Pair, ...],
+                  inputs: np.ndarray, plan: Plan, console: Console) -> tuple[dict[str, int], str]:
+    """``--target-bits``: bits per layer from ``greedy_allocation``, each unit's output noise measured
+    alone (the paper's compensation, no refinement) on ``inputs``; and a note giving the allocation."""
+    units = make_units(list(layers), pairs)
+    sizes = {name: int(layer.weight.size) for name, layer in layers.items()}
+    probe = output_probe(graph, layers, inputs, like)
+    cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def weights(name: str, b: int, with_c: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """The layer at ``b`` bits as it would compute, with the producer's c when ``with_c``."""
+        if (name, b, with_c) not in cache:
+            layer = layers[name]
+            q = quantize_layer(layer, b, plan)
+            c = layer_compensation(layer, q, plan.options) if with_c and plan.options.compensate else None
+            q, bias = compensated(q, layer.bias, c)
+            cache[name, b, with_c] = (from_rows(q.dequantize(), layer.weight.shape, layer.out_axis), bias)
+        return {name: cache[name, b, with_c]}
+
+    noise = {}
+    progress = console.progress("target bits", len(units), "units measured at each width")
+    for i, unit in enumerate(units):
+        for low, high in unit.options():
+            changes = weights(unit.consumer, high, False)
+            for producer in unit.producers:
+                changes.update(weights(producer, low, True))
+            noise[i, (low, high)] = probe.noise(changes)[1]
+        progress.advance()
+    choice = greedy_allocation(units, sizes, noise, plan.options.target_bits)
+    bits = {}
+    for i, unit in enumerate(units):
+        bits.update({p: choice[i][0] for p in unit.producers})
+        bits[unit.consumer] = choice[i][1]
+    return bits, _allocation_note(units, choice, sizes, plan.options.target_bits)
+
+
+def _allocation_note(units: list[Unit], choice: dict[int, tuple[int, int]], sizes: dict[str, int],
+                     target_bits: float) -> str:
+    average = sum(unit_bits(u, choice[i], sizes) for i, u in enumerate(units)) / sum(sizes.values())
+    counts: dict[str, int] = {}
+    for i, unit in enumerate(units):
+        key = f"{choice[i][0]}/{choice[i][1]} pair" if unit.producers else f"{choice[i][1]}-bit layer"
+        counts[key] = counts.get(key, 0) + 1
+    reached = "" if average <= target_bits + 1e-9 else " (the narrowest allocation; the budget is below it)"
+    return (f"--target-bits {target_bits:g}: {average:.2f} integer bits per quantized weight{reached}; "
+            + ", ".join(f"{count} x {key}" for key, count in sorted(counts.items())))

@@ -1,4 +1,4 @@
-"""The two ways the tool refuses to hand back a model, and their exit statuses."""
+"""The ways the tool refuses to hand back a model, and their exit statuses."""
 
 
 class InputError(Exception):
@@ -15,6 +15,12 @@ class CheckError(Exception):
 
     exit_status = 3
     model = None
+
+
+class InternalError(Exception):
+    """A bug in this tool, e.g. onnxruntime refusing a graph the tool built for itself (exit status 1)."""
+
+    exit_status = 1
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

@@ -1,4 +1,5 @@
-"""Stage 2: fold BatchNormalization into the Conv before it (spec section 1)."""
+"""The fold stage: BatchNormalization into the Conv before it (spec section 1; the maths in
+``maths/batchnorm.py``)."""
 
 from __future__ import annotations
 
@@ -6,53 +7,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from numba import njit, prange
 
 from .graph import NameSource, constant_value, replace_list
+from .maths.batchnorm import fold_batchnorm_params
 
 
 @dataclass(frozen=True)
 class FoldResult:
     folded: tuple[str, ...]
     """Names of the BatchNormalization nodes folded away."""
-    kept: tuple[tuple[str, str], ...]
+    unfolded: tuple[tuple[str, str], ...]
     """(BatchNormalization name, reason) for each one left in the graph."""
     preactivation: dict[str, tuple[np.ndarray, np.ndarray]]
     """Conv name -> (beta, |gamma|): on the data the BN saw, the folded conv's output channel j
     is distributed about N(beta_j, gamma_j^2)."""
-
-
-def fold_batchnorm_params(
-    weight: np.ndarray,
-    bias: np.ndarray | None,
-    gamma: np.ndarray,
-    beta: np.ndarray,
-    mean: np.ndarray,
-    var: np.ndarray,
-    epsilon: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fold y = gamma (x - mu) / sigma + beta into a conv's W and b.
-
-    W_j <- W_j gamma_j / sigma_j,  b_j <- beta_j + (b_j - mu_j) gamma_j / sigma_j,
-    sigma_j = sqrt(var_j + eps). Computed in float64, returned as float32.
-    """
-    sigma = np.sqrt(var.astype(np.float64) + epsilon)
-    scale = gamma.astype(np.float64) / sigma
-    b = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
-    rows = np.ascontiguousarray(weight).reshape(weight.shape[0], int(np.prod(weight.shape[1:])))
-    new_weight = _scale_rows(rows, scale).reshape(weight.shape)
-    new_bias = beta.astype(np.float64) + (b - mean.astype(np.float64)) * scale
-    return new_weight, new_bias.astype(np.float32)
-
-
-@njit(cache=True, parallel=True)
-def _scale_rows(rows: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """float32(W_j scale_j), the product taken in float64: one pass, no float64 copy of the weight."""
-    out = np.empty(rows.shape, dtype=np.float32)
-    for j in prange(rows.shape[0]):
-        for k in range(rows.shape[1]):
-            out[j, k] = np.float32(np.float64(rows[j, k]) * scale[j])
-    return out
 
 
 def fold_batchnorm(graph: gs.Graph) -> FoldResult:
@@ -62,19 +30,19 @@ def fold_batchnorm(graph: gs.Graph) -> FoldResult:
     output tensor) and removes the folded nodes.
     """
     folded: list[str] = []
-    kept: list[tuple[str, str]] = []
+    unfolded: list[tuple[str, str]] = []
     preactivation: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     names = NameSource(graph)
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         outcome = _fold_one(graph, bn, names)
         if isinstance(outcome, str):
-            kept.append((bn.name, outcome))
+            unfolded.append((bn.name, outcome))
         else:
             folded.append(bn.name)
             conv_name, beta, gamma = outcome
             preactivation[conv_name] = (beta, np.abs(gamma))
     graph.cleanup()
-    return FoldResult(folded=tuple(folded), kept=tuple(kept), preactivation=preactivation)
+    return FoldResult(folded=tuple(folded), unfolded=tuple(unfolded), preactivation=preactivation)
 
 
 def _fold_one(graph: gs.Graph, bn: gs.Node, names: NameSource) -> str | tuple[str, np.ndarray, np.ndarray]:

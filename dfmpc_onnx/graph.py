@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .errors import InputError
+
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -42,6 +44,18 @@ class Layer:
     @property
     def out_channels(self) -> int:
         return int(self.weight.shape[self.out_axis])
+
+    @property
+    def group(self) -> int | None:
+        """A Conv's number of groups (its weight's axis 1 holds one group's input channels); None otherwise."""
+        return int(self.node.attrs.get("group", 1)) if self.op == "Conv" else None
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of a Conv (all groups), input features of a Gemm or MatMul."""
+        if self.group is not None:
+            return int(self.weight.shape[1]) * self.group
+        return int(self.weight.shape[1 - self.out_axis])
 
 
 def import_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None) -> gs.Graph:
@@ -78,8 +92,9 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
-def find_layers(graph: gs.Graph) -> tuple[dict[str, Layer], dict[str, str]]:
-    """Every weighted node, in topological order: quantizable ``Layer``s, and why the rest stay float."""
+def find_layers(graph: gs.Graph, exclude: tuple[str, ...] | list[str] = ()) -> tuple[dict[str, Layer], dict[str, str]]:
+    """Every weighted node, in topological order: quantizable ``Layer``s, and why the rest stay float
+    (``exclude``: names the user keeps in float; each must name a weighted node)."""
     layers: dict[str, Layer] = {}
     left_float: dict[str, str] = {}
     for node in graph.nodes:
@@ -90,6 +105,13 @@ def find_layers(graph: gs.Graph) -> tuple[dict[str, Layer], dict[str, str]]:
             layers[node.name] = layer_or_reason
         else:
             left_float[node.name] = layer_or_reason
+    unknown = [name for name in exclude if name not in layers and name not in left_float]
+    if unknown:
+        raise InputError(f"--exclude: no Conv, Gemm or MatMul named {', '.join(repr(n) for n in unknown)}")
+    for name in exclude:
+        if name in layers:
+            left_float[name] = "excluded (--exclude)"
+            del layers[name]
     return layers, left_float
 
 
@@ -160,3 +182,57 @@ def replace_list(tensors: list, new: list) -> None:
     new = list(new)
     tensors.clear()
     tensors.extend(new)
+
+
+def with_weight_inputs(graph: gs.Graph, layers: dict[str, Layer],
+                       output_names: list[str]) -> tuple[gs.Graph, dict[str, tuple[str, str | None]]]:
+    """A copy of ``graph`` whose ``layers`` read weight and bias from graph inputs NAME::weight and
+    NAME::bias (Conv and Gemm), and whose outputs are ``output_names``: one graph that computes any
+    assignment of weights (``weight_feed``)."""
+    copy = with_outputs(graph, output_names)
+    nodes = {node.name: node for node in copy.nodes}
+    names: dict[str, tuple[str, str | None]] = {}
+    for name, layer in layers.items():
+        node = nodes[name]
+        weight = gs.Variable(f"{name}::weight", dtype=np.float32, shape=list(layer.weight.shape))
+        node.inputs[1] = weight
+        copy.inputs.append(weight)
+        bias_name = None
+        if node.op in ("Conv", "Gemm"):
+            bias = gs.Variable(f"{name}::bias", dtype=np.float32, shape=[layer.out_channels])
+            if len(node.inputs) > 2:
+                node.inputs[2] = bias
+            else:
+                node.inputs.append(bias)
+            copy.inputs.append(bias)
+            bias_name = bias.name
+        names[name] = (weight.name, bias_name)
+    return copy, names
+
+
+def weight_feed(weight_inputs: dict[str, tuple[str, str | None]], layers: dict[str, Layer],
+                weights: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, np.ndarray]:
+    """The inputs of ``with_weight_inputs`` (``weight_inputs``: layer -> input names) for the layers in
+    ``weights`` (layer -> weight in the graph's layout, bias; a missing bias is zero)."""
+    feed = {}
+    for name, (weight, bias) in weights.items():
+        weight_name, bias_name = weight_inputs[name]
+        feed[weight_name] = np.asarray(weight, dtype=np.float32)
+        if bias_name is not None:
+            feed[bias_name] = (np.zeros(layers[name].out_channels, np.float32) if bias is None
+                               else np.asarray(bias, dtype=np.float32))
+    return feed
+
+
+def with_outputs(graph: gs.Graph, names: list[str]) -> gs.Graph:
+    """A copy of ``graph`` whose outputs are the tensors ``names``."""
+    copy = graph.copy()
+    tensors = copy.tensors()
+    copy.outputs = [tensors[name] for name in names]
+    return copy
+
+
+def batch_chunk(graph: gs.Graph) -> int:
+    """How many synthetic inputs one onnxruntime run of ``graph`` takes: its static batch dim, else 32."""
+    first = graph.inputs[0].shape[0] if graph.inputs[0].shape else None
+    return int(first) if isinstance(first, (int, np.integer)) and first > 0 else 32

@@ -1,4 +1,4 @@
-"""Stage 1: read an ONNX model and refuse, with one clear sentence, anything unusable."""
+"""The load stage: read an ONNX model and refuse, with one clear sentence, anything unusable."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from .errors import InputError, first_line
 MIN_OPSET = 7
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """``load_split``, with the weights put back: the whole validated model, shapes inferred."""
-    return with_weights(*load_split(source))
+def load_whole_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """``load_model``, with the weights put back: the whole validated model, shapes inferred."""
+    return with_weights(*load_model(source))
 
 
 def with_weights(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -30,12 +30,12 @@ def with_weights(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray]) -> o
     return model
 
 
-def load_split(source: str | os.PathLike | onnx.ModelProto,
+def load_model(source: str | os.PathLike | onnx.ModelProto,
                min_bytes: int = 1 << 16) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Load and validate a model: external data, opset, checker, finite weights, shapes.
 
-    Returns the model without the data of its large float initializers (at
-    least ``min_bytes``; their entries stay, dims and type only) and that
+    Returns the skeleton, the model without the data of its large float initializers (at
+    least ``min_bytes``; their entries stay, dims and type only), and that
     data as arrays, so that the weights are held once, as arrays, and the
     checker and shape inference work on kilobytes. External data is
     resolved only inside the model's own folder. The model carries inferred
@@ -257,3 +257,7 @@ def _check_finite_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]
         if not np.isfinite(values).all():
             raise InputError(f"{label}: initializer '{name}' holds NaN or Inf values")
 
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain that ``model`` imports."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

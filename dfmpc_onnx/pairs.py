@@ -1,4 +1,5 @@
-"""Stage 3: find producer/consumer pairs (spec section 1, the paper's Fig. 2).
+"""The pairs stage: producer/consumer pairs (spec section 1, the paper's Fig. 2), and why every other
+candidate was refused.
 
 A pair is a producer P (quantized to LOW bits) and a consumer C (HIGH bits)
 such that C's input channel ``offset + j`` (or feature block ``j`` after a
@@ -56,6 +57,28 @@ class Refusal:
 class PairSearch:
     pairs: tuple[Pair, ...]
     refusals: tuple[Refusal, ...]
+
+    def roles(self, layer_names: list[str]) -> dict[str, tuple[str, str | None]]:
+        """(role, partner) for every layer: producers ``low``, consumers ``high``, the rest ``unpaired``.
+
+        A consumer fed by several producers through a Concat names them all, comma-separated.
+        """
+        roles: dict[str, tuple[str, str | None]] = {name: ("unpaired", None) for name in layer_names}
+        for pair in self.pairs:
+            roles[pair.producer] = ("low", pair.consumer)
+            earlier = roles[pair.consumer][1] if roles[pair.consumer][0] == "high" else None
+            roles[pair.consumer] = ("high", f"{earlier}, {pair.producer}" if earlier else pair.producer)
+        return roles
+
+
+def kept_out_of_pairs(layer_names: list[str], keep_first: bool, keep_last: bool) -> dict[str, str]:
+    """The layers ``--keep-first`` and ``--keep-last`` keep out of pairs, and why."""
+    fixed: dict[str, str] = {}
+    if layer_names and keep_first:
+        fixed[layer_names[0]] = "first layer kept out of pairs at HIGH bits (--keep-first)"
+    if layer_names and keep_last:
+        fixed[layer_names[-1]] = "last layer kept out of pairs at HIGH bits (--keep-last)"
+    return fixed
 
 
 def find_pairs(graph: gs.Graph, layers: dict[str, Layer], fixed: dict[str, str], relu6: str = "refuse") -> PairSearch:
@@ -135,11 +158,7 @@ def _as_consumer(producer: Layer, consumer: Layer, tensor: gs.Tensor, offset: in
         return Refusal(producer.name, consumer.name, "a Conv consumer after a Flatten")
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return Refusal(producer.name, consumer.name, "Gemm consumer with transA=1")
-    in_axis = 1 if node.op == "Conv" else 1 - consumer.out_axis
-    in_features = consumer.weight.shape[in_axis]
-    if node.op == "Conv":
-        in_features *= int(node.attrs.get("group", 1))
-    if offset + producer.out_channels * block > in_features:
+    if offset + producer.out_channels * block > consumer.in_channels:
         return Refusal(producer.name, consumer.name, "channel count does not match the consumer's input")
     return Pair(producer.name, consumer.name, offset, block, path)
 

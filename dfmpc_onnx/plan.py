@@ -1,63 +1,92 @@
-"""The bit-width plan: which layer gets which bit width, and the quantized result per layer."""
+"""The quantize and solve stages: each layer's bit width, its quantized weight, and the producers'
+compensation c (the maths in ``maths/quantizers.py`` and ``maths/compensation.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import Layer
-from .pairs import Pair
-from .quantizers import QuantizedWeight
-
-MAX_BITS = 16
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """``LOW/HIGH``: pair producers get LOW bits (2 = ternary), consumers and unpaired layers HIGH."""
-
-    low: int
-    high: int
-
-    @classmethod
-    def parse(cls, text: str) -> Scheme:
-        parts = str(text).split("/")
-        try:
-            low, high = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
-        except ValueError:
-            raise ValueError(f"scheme '{text}' is not LOW/HIGH, e.g. 2/6") from None
-        if not 2 <= low <= high <= MAX_BITS:
-            raise ValueError(f"scheme '{text}' needs 2 <= LOW <= HIGH <= {MAX_BITS}")
-        return cls(low, high)
-
-    def __str__(self) -> str:
-        return f"{self.low}/{self.high}"
+from .graph import Layer, from_rows, to_rows
+from .maths.compensation import solve_compensation
+from .maths.quantizers import QuantizedWeight, quantize_rows
+from .options import Options, Plan, Scheme
+from .pairs import PairSearch
 
 
 @dataclass(frozen=True)
 class QuantizedLayer:
-    """One layer's outcome: role ``low`` (pair producer), ``high`` (pair consumer) or ``kept``
-    (in no pair, at HIGH bits); ``quantized`` is before compensation, ``compensation``
-    the producer's c (Eq. 7), None for other roles; ``refined`` the (codes and scales,
-    bias) after the refinement stage, None when there was none."""
+    """One layer's outcome. ``role``: ``low`` (pair producer), ``high`` (pair consumer) or ``unpaired``
+    (in no pair, at HIGH bits). ``quantized`` is the weight before compensation and ``compensation`` the
+    producer's c (Eq. 7), None for other roles. ``weight`` and ``bias`` are what the output computes
+    with: c on the producer (``compensated``), then whatever the refinement stage changed."""
 
     layer: Layer
     role: str
     partner: str | None
     quantized: QuantizedWeight
-    compensation: np.ndarray | None = None
-    refined: tuple[QuantizedWeight, np.ndarray | None] | None = None
+    compensation: np.ndarray | None
+    weight: QuantizedWeight
+    bias: np.ndarray | None
+
+    def dequantized(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weight in the graph's layout, bias) as the layer computes them."""
+        return from_rows(self.weight.dequantize(), self.layer.weight.shape, self.layer.out_axis), self.bias
 
 
-def assign_roles(layer_names: list[str], pairs: tuple[Pair, ...]) -> dict[str, tuple[str, str | None]]:
-    """(role, partner) for every layer name: producers low, consumers high, the rest kept.
+def compensated(q: QuantizedWeight, bias: np.ndarray | None,
+                c: np.ndarray | None) -> tuple[QuantizedWeight, np.ndarray | None]:
+    """Producer placement of c (spec section 3): row j's scale and bias b_j multiplied by c_j."""
+    if c is None:
+        return q, bias
+    new_bias = None if bias is None else (bias.astype(np.float64) * c).astype(np.float32)
+    return q.with_scale(q.scale * c), new_bias
 
-    A consumer fed by several producers through a Concat names them all, comma-separated.
-    """
-    roles: dict[str, tuple[str, str | None]] = {name: ("kept", None) for name in layer_names}
-    for pair in pairs:
-        roles[pair.producer] = ("low", pair.consumer)
-        earlier = roles[pair.consumer][1] if roles[pair.consumer][0] == "high" else None
-        roles[pair.consumer] = ("high", f"{earlier}, {pair.producer}" if earlier else pair.producer)
-    return roles
+
+def quantize_layer(layer: Layer, bits: int, plan: Plan) -> QuantizedWeight:
+    """``layer``'s weight at ``bits`` (``quantize_weight_rows``)."""
+    return quantize_weight_rows(to_rows(layer.weight, layer.out_axis), bits, plan)
+
+
+def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan) -> QuantizedWeight:
+    """Weight rows at ``bits``: ternary (Eqs. 3-4) or DoReFa (Eq. 6), with the plan's scales, ternary
+    threshold and k-bit range."""
+    return quantize_rows(rows, bits, plan.options.per_channel(bits), plan.ternary_threshold,
+                         plan.options.kbit_range)
+
+
+def layer_compensation(layer: Layer, q: QuantizedWeight, options: Options) -> np.ndarray:
+    """c for a producer quantized to ``q`` (the closed form of Eqs. 7-10)."""
+    return solve_compensation(to_rows(layer.weight, layer.out_axis), q.dequantize(), layer.bias,
+                              options.lambda1, options.lambda2)
+
+
+def scheme_bits(search: PairSearch, layers: dict[str, Layer], scheme: Scheme) -> dict[str, int]:
+    """LOW bits for pair producers, HIGH for every other layer."""
+    producers = {pair.producer for pair in search.pairs}
+    return {name: scheme.low if name in producers else scheme.high for name in layers}
+
+
+def quantize_layers(layers: dict[str, Layer], search: PairSearch, bits: dict[str, int],
+                    plan: Plan) -> dict[str, QuantizedLayer]:
+    """The quantize stage: every layer at its width, with its role in the pairs, before compensation."""
+    roles = search.roles(list(layers))
+    result = {}
+    for name, layer in layers.items():
+        q = quantize_layer(layer, bits[name], plan)
+        result[name] = QuantizedLayer(layer, *roles[name], q, None, q, layer.bias)
+    return result
+
+
+def compensate_layers(qlayers: dict[str, QuantizedLayer], options: Options) -> dict[str, QuantizedLayer]:
+    """The solve stage: c for every pair producer (none with ``--no-compensation``), placed on it."""
+    if not options.compensate:
+        return qlayers
+    result = dict(qlayers)
+    for name, ql in qlayers.items():
+        if ql.role == "low":
+            c = layer_compensation(ql.layer, ql.quantized, options)
+            weight, bias = compensated(ql.quantized, ql.layer.bias, c)
+            result[name] = dataclasses.replace(ql, compensation=c, weight=weight, bias=bias)
+    return result

@@ -1,4 +1,4 @@
-"""Stage 8: what was done to each layer, as a table for people and JSON for tools."""
+"""The report stage: what was done to each layer, as a table for people and JSON for tools."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+import onnx_graphsurgeon as gs
+
 from .check import CheckResult
-from .pairs import Pair, Refusal
+from .fold import FoldResult
+from .graph import WEIGHTED_OPS, to_rows
+from .load import default_opset
+from .options import Plan
+from .pairs import Pair, PairSearch, Refusal
+from .plan import QuantizedLayer
 
 _SUB_BYTE_BITS = {onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2,
                   onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
@@ -21,7 +28,7 @@ class LayerReport:
     name: str
     op: str
     role: str
-    """low (pair producer), high (pair consumer), kept (in no pair, HIGH bits) or float."""
+    """low (pair producer), high (pair consumer), unpaired (in no pair, HIGH bits) or float."""
     bits: int | None
     partner: str | None
     sqnr_db: float | None
@@ -34,17 +41,24 @@ class LayerReport:
 
 @dataclass
 class Report:
+    """What ``quantize`` did: the options as they ran (every ``auto`` resolved), a row per weighted layer,
+    the pairs and refusals, sizes, notes and the onnxruntime check."""
+
     input: str
     scheme: str
+    """LOW/HIGH, or "target B bits" under --target-bits."""
     format: str
     granularity: str
     ternary_threshold: str
+    kbit_range: str
     lambda1: float
     lambda2: float
-    compensation: bool
+    compensate: bool
     placement: str
+    relu6: str
     refine: str
     synthetic: str | None
+    """The synthetic inputs used, None when nothing ran on them."""
     samples: int | None
     seed: int
     opset_in: int
@@ -53,11 +67,9 @@ class Report:
     pairs: list[Pair]
     refusals: list[Refusal]
     folded_batchnorm: list[str]
-    kept_batchnorm: list[tuple[str, str]]
+    unfolded_batchnorm: list[tuple[str, str]]
     weight_bytes_before: int
     weight_bytes_after: int
-    relu6: str = "refuse"
-    kbit_range: str = "max"
     stored_bits: float | None = None
     """Bits per weight in the output file (``stored_bits_per_weight``), scales and offsets included."""
     replaced_clips: list[str] = field(default_factory=list)
@@ -74,7 +86,7 @@ class Report:
             "pairs": len(self.pairs),
             "low_layers": self.count("low"),
             "high_layers": self.count("high"),
-            "kept_layers": self.count("kept"),
+            "unpaired_layers": self.count("unpaired"),
             "float_layers": self.count("float"),
             "weight_bytes_ratio": self.weight_bytes_after / self.weight_bytes_before if self.weight_bytes_before else None,
         }
@@ -96,37 +108,74 @@ class Report:
         return "\n".join(lines)
 
     def format_summary(self) -> str:
+        compensation = f"lambda1={self.lambda1:g} lambda2={self.lambda2:g}" if self.compensate else "off"
+        inputs = f" on {self.samples} {self.synthetic} inputs, seed {self.seed}" if self.synthetic else ""
         lines = [
-            f"scheme {self.scheme} ({self.format}, {self.granularity} scales, {self.ternary_threshold} ternary threshold, "
-            f"k-bit range {self.kbit_range}, "
-            f"compensation {'lambda1=%g lambda2=%g' % (self.lambda1, self.lambda2) if self.compensation else 'off'}, "
-            f"refinement {self.refine}"
-            + (f" on {self.samples} {self.synthetic} inputs, seed {self.seed})" if self.samples else ")"),
-            f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, "
-            f"{self.count('high')} high, {self.count('kept')} kept at high bits; {self.count('float')} left float",
+            f"scheme {self.scheme} ({self.format}, {self.granularity} scales, {self.ternary_threshold} ternary "
+            f"threshold, k-bit range {self.kbit_range}, compensation {compensation}, refinement {self.refine}{inputs})",
+            f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, {self.count('high')} high, "
+            f"{self.count('unpaired')} unpaired at high bits; {self.count('float')} left float",
             f"ReLU6 (Clip) handling: {self.relu6}"
             + (f" ({len(self.replaced_clips)} replaced by Relu)" if self.replaced_clips else ""),
             f"BatchNormalization folded: {len(self.folded_batchnorm)}"
-            + (f", kept: {len(self.kept_batchnorm)}" if self.kept_batchnorm else ""),
+            + (f", not folded: {len(self.unfolded_batchnorm)}" if self.unfolded_batchnorm else ""),
             f"weight bytes: {self.weight_bytes_before:,} -> {self.weight_bytes_after:,}"
             + (f" ({self.weight_bytes_after / self.weight_bytes_before:.1%})" if self.weight_bytes_before else "")
             + (f"; {self.stored_bits:.2f} stored bits per weight" if self.stored_bits is not None else ""),
         ]
-        for layer in self.layers:
-            if layer.role == "float":
-                lines.append(f"left float: {layer.name}: {layer.note}")
-        for refusal in self.refusals:
-            lines.append(f"not paired: {refusal.producer}: {refusal.reason}")
-        for name, reason in self.kept_batchnorm:
-            lines.append(f"BatchNormalization not folded: {name}: {reason}")
-        lines.extend(f"note: {note}" for note in self.notes)
+        lines += [f"left float: {layer.name}: {layer.note}" for layer in self.layers if layer.role == "float"]
+        lines += [f"not paired: {refusal.producer}: {refusal.reason}" for refusal in self.refusals]
+        lines += [f"BatchNormalization not folded: {name}: {reason}" for name, reason in self.unfolded_batchnorm]
+        lines += [f"note: {note}" for note in self.notes]
         if self.check is None:
             lines.append("onnxruntime check: skipped")
-        else:
-            for out in self.check.outputs:
-                lines.append(f"onnxruntime check ({self.check.providers[0]}, batch {self.check.batch}): output "
-                             f"'{out.name}' cosine {out.cosine:.4f}, SQNR {out.sqnr_db:.1f} dB")
+        for out in self.check.outputs if self.check else ():
+            lines.append(f"onnxruntime check ({self.check.providers[0]}, batch {self.check.batch}): output "
+                         f"'{out.name}' cosine {out.cosine:.4f}, SQNR {out.sqnr_db:.1f} dB")
         return "\n".join(lines)
+
+
+def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.ModelProto, search: PairSearch,
+                folding: FoldResult, layers: list[LayerReport], replaced_clips: list[str], notes: list[str],
+                check: CheckResult | None, timings: dict[str, float]) -> Report:
+    """The report of one run: ``source`` is the input's skeleton, ``result`` the output model."""
+    options = plan.options
+    notes = list(plan.decisions) + notes
+    if not any(layer.role != "float" for layer in layers):
+        notes.append("no layer was quantized (see 'left float')")
+    elif not search.pairs:
+        notes.append("no quantizable pair: every quantized layer is at the HIGH bit width")
+    return Report(
+        input=label, scheme=str(plan.scheme) if plan.scheme else f"target {options.target_bits:g} bits",
+        format=options.format, granularity=options.granularity, ternary_threshold=plan.ternary_threshold,
+        kbit_range=options.kbit_range, lambda1=options.lambda1, lambda2=options.lambda2,
+        compensate=options.compensate, placement=options.placement, relu6=options.relu6, refine=plan.refine,
+        synthetic=plan.synthetic, samples=options.samples if plan.synthetic else None, seed=options.seed,
+        opset_in=default_opset(source), opset_out=default_opset(result), layers=layers,
+        pairs=list(search.pairs), refusals=list(search.refusals), folded_batchnorm=list(folding.folded),
+        unfolded_batchnorm=list(folding.unfolded), weight_bytes_before=initializer_bytes(source),
+        weight_bytes_after=initializer_bytes(result), stored_bits=stored_bits_per_weight(result),
+        replaced_clips=replaced_clips, notes=notes, check=check, timings=timings)
+
+
+def layer_reports(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], left_float: dict[str, str]) -> list[LayerReport]:
+    """A row per weighted layer, in graph order: quantized layers with their weight SQNR and c, then why the
+    others stayed float."""
+    reports: dict[str, LayerReport] = {}
+    for name, ql in qlayers.items():
+        c = ql.compensation
+        reports[name] = LayerReport(
+            name=name, op=ql.layer.op, role=ql.role, bits=ql.quantized.bits, partner=ql.partner,
+            sqnr_db=ql.weight.sqnr_db(to_rows(ql.layer.weight, ql.layer.out_axis)),
+            c_min=None if c is None else float(c.min()),
+            c_median=None if c is None else float(np.median(c)),
+            c_max=None if c is None else float(c.max()))
+    nodes = {node.name: node for node in graph.nodes}
+    for name, reason in left_float.items():
+        reports[name] = LayerReport(name=name, op=nodes[name].op, role="float", bits=None, partner=None,
+                                    sqnr_db=None, note=reason)
+    order = {name: index for index, name in enumerate(nodes)}
+    return sorted(reports.values(), key=lambda r: order.get(r.name, len(order)))
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -141,9 +190,6 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-
-
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def stored_bits_per_weight(model: onnx.ModelProto) -> float | None:

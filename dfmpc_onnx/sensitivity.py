@@ -1,12 +1,11 @@
-"""Inference-only sensitivity: how much of the float model's output a quantization choice keeps.
+"""Inference-only measurements of the float graph on synthetic inputs: per-channel statistics of named
+tensors, and how much of the float model's output a quantization choice keeps (``OutputProbe``).
 
-Data-free: the float model and its quantized variants see the same synthetic
-inputs in onnxruntime, with every quantizable layer's weight and bias fed as
-a graph input, so that one session evaluates any assignment of weights. The
-measure is the output SQNR, 10 log10(sum y^2 / sum (y - yhat)^2) over every
-graph output and input (in the spirit of the retraining-free mixed-precision
-search, seed 002: a quantized network is judged by how closely it follows
-the float one, never by labels).
+Data-free: the float model and its quantized variants see the same synthetic inputs in onnxruntime, with
+every quantizable layer's weight and bias fed as a graph input, so that one session evaluates any
+assignment of weights. The measure is the output SQNR, 10 log10(sum y^2 / sum (y - yhat)^2) over every
+graph output and input (in the spirit of the retraining-free mixed-precision search, seed 002: a
+quantized network is judged by how closely it follows the float one, never by labels).
 """
 
 from __future__ import annotations
@@ -16,12 +15,23 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
-from .graph import Layer
-from .refine import session, weight_feed, with_weight_inputs
+from .graph import Layer, batch_chunk, weight_feed, with_outputs, with_weight_inputs
+from .maths.statistics import channel_statistics
+from .runtime import graph_session, own_graph, run_in_chunks
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray | None]]
 """Layer name -> (weight in the graph's layout, bias or None)."""
+
+
+def activation_statistics(graph: gs.Graph, like: onnx.ModelProto, inputs: np.ndarray,
+                          names: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and variance of the named tensors of ``graph`` (float) over ``inputs``."""
+    session = graph_session(with_outputs(graph, names), like, "activation statistics")
+    with own_graph("activation statistics"):
+        chunks = run_in_chunks(session, names, session.get_inputs()[0].name, inputs, batch_chunk(graph))
+    return [channel_statistics([outputs[i] for outputs in chunks]) for i in range(len(names))]
 
 
 @dataclass
@@ -29,7 +39,7 @@ class OutputProbe:
     """The float graph with its layers' weights as inputs, its float outputs on ``inputs``, and the float
     weights; ``noise(changes)`` scores the model with ``changes`` (layer -> weights) applied."""
 
-    session: object
+    session: ort.InferenceSession
     input_name: str
     output_names: list[str]
     weight_inputs: dict[str, tuple[str, str | None]]
@@ -41,8 +51,8 @@ class OutputProbe:
     def outputs(self, changes: Weights) -> list[list[np.ndarray]]:
         float_weights = {name: (layer.weight, layer.bias) for name, layer in self.layers.items()}
         feed = weight_feed(self.weight_inputs, self.layers, {**float_weights, **changes})
-        return [self.session.run(self.output_names, {self.input_name: self.inputs[start:start + self.chunk], **feed})
-                for start in range(0, len(self.inputs), self.chunk)]
+        with own_graph("the sensitivity probe"):
+            return run_in_chunks(self.session, self.output_names, self.input_name, self.inputs, self.chunk, feed)
 
     def noise(self, changes: Weights) -> tuple[float, float]:
         """(sum y^2, sum (y - yhat)^2) over every output and input, y float, yhat with ``changes``."""
@@ -55,13 +65,12 @@ class OutputProbe:
         return signal, noise
 
 
-def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray,
-                 opset_model: onnx.ModelProto, chunk: int) -> OutputProbe:
+def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray, like: onnx.ModelProto) -> OutputProbe:
     """An ``OutputProbe`` over ``graph`` (float, BatchNorm folded) whose ``layers`` can be changed."""
     output_names = [t.name for t in graph.outputs]
     probe_graph, weight_inputs = with_weight_inputs(graph, layers, output_names)
-    runner = session(probe_graph, opset_model)
-    probe = OutputProbe(runner, runner.get_inputs()[0].name, output_names, weight_inputs, inputs, chunk,
-                        layers, [])
+    session = graph_session(probe_graph, like, "the sensitivity probe")
+    probe = OutputProbe(session, session.get_inputs()[0].name, output_names, weight_inputs, inputs,
+                        batch_chunk(graph), layers, [])
     probe.reference = probe.outputs({})
     return probe

@@ -1,63 +1,47 @@
-"""Synthetic inputs made from the model alone (spec section 4): white or 1/f^beta ("pink") noise.
-
-Natural images have a power spectrum close to 1/f^beta with beta about 2;
-noise with that spectrum drives a CNN's channels much closer to their real
-statistics than white noise does.
-"""
+"""The synthetic-inputs stage: what refinement and ``--target-bits`` run on, made from the model alone:
+white or pink noise (``maths/noise.py``), or inputs distilled from its BatchNorm statistics
+(``distill.py``), or inputs the caller gives."""
 
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
+import onnx
 
-PINK_BETA = 2.0
-
-
-def pink_noise(shape: tuple[int, ...], rng: np.random.Generator, beta: float = PINK_BETA) -> np.ndarray:
-    """Noise whose 2-D power spectrum falls as 1/f^beta over the last two axes,
-    standardised to zero mean and unit variance per image and channel."""
-    *lead, height, width = shape
-    fy = np.fft.fftfreq(height)[:, None]
-    fx = np.fft.rfftfreq(width)[None, :]
-    frequency = np.sqrt(fx**2 + fy**2)
-    frequency[0, 0] = 1.0 / max(height, width)
-    amplitude = frequency ** (-beta / 2.0)
-    spectrum_shape = (*lead, height, width // 2 + 1)
-    spectrum = (rng.standard_normal(spectrum_shape) + 1j * rng.standard_normal(spectrum_shape)) * amplitude
-    images = np.fft.irfft2(spectrum, s=(height, width))
-    return _standardise(images).astype(np.float32)
+from .distill import distill_inputs
+from .errors import InputError
+from .inputs import synthesis_shape
+from .load import with_weights
+from .maths.noise import noise_batch
+from .options import Plan
+from .progress import Console
 
 
-def white_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    return rng.standard_normal(shape).astype(np.float32)
+def make_synthetic_inputs(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray],
+                          shapes: dict[str, tuple[int, ...]], plan: Plan, given: np.ndarray | None,
+                          console: Console) -> tuple[np.ndarray | None, Plan]:
+    """The plan's synthetic inputs (None when it needs none), and the plan that runs: when distillation
+    was chosen by ``--synthetic auto`` and turns out impossible, pink noise replaces it."""
+    if not plan.needs_inputs:
+        return None, plan
+    shape = synthesis_shape(skeleton, shapes)
+    if given is not None:
+        if list(np.shape(given)[1:]) != shape[1:]:
+            raise InputError(f"synthetic_inputs of shape {np.shape(given)} do not fit input {shape}")
+        return np.asarray(given, dtype=np.float32), plan
+    options = plan.options
+    try:
+        return synthesize(skeleton, weights, shape, plan.synthetic, options.samples, options.seed, console), plan
+    except InputError as err:
+        if options.synthetic != "auto":
+            raise
+        plan = plan.without_distillation(str(err))
+        return synthesize(skeleton, weights, shape, plan.synthetic, options.samples, options.seed, console), plan
 
 
-def synthetic_batch(input_shape: list, kind: str, samples: int, seed: int) -> np.ndarray:
-    """``samples`` inputs of the model's input shape (dims after the first must be static).
-
-    ``kind`` "pink" for 1/f^beta images (rank-4 inputs; other ranks get white
-    noise), "noise" for white Gaussian noise.
-    """
-    dims = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else None for d in input_shape[1:]]
-    if any(d is None for d in dims):
-        raise ValueError(f"input shape {input_shape} has dynamic dims after the batch dim")
-    shape = (samples, *dims)
-    rng = np.random.default_rng(seed)
-    if kind == "pink" and len(shape) == 4:
-        return pink_noise(shape, rng)
-    return white_noise(shape, rng)
-
-
-def model_input(session: ort.InferenceSession) -> tuple[str, list]:
-    """The name and shape of the model's single float input."""
-    inputs = [i for i in session.get_inputs() if i.type == "tensor(float)"]
-    if len(inputs) != 1 or len(session.get_inputs()) != 1:
-        raise ValueError("refinement needs a model with exactly one float input")
-    return inputs[0].name, list(inputs[0].shape)
-
-
-def _standardise(images: np.ndarray) -> np.ndarray:
-    axes = (-2, -1)
-    mean = images.mean(axis=axes, keepdims=True)
-    std = images.std(axis=axes, keepdims=True)
-    return (images - mean) / np.where(std > 0, std, 1.0)
+def synthesize(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], shape: list, kind: str, samples: int,
+               seed: int, console: Console | None = None) -> np.ndarray:
+    """``samples`` seeded inputs of ``shape`` (static after the batch dim): "noise", "pink" or "distill"
+    (distillation runs the whole float model, so it takes the weights back into the skeleton)."""
+    if kind == "distill":
+        return distill_inputs(with_weights(skeleton, weights), samples, seed, input_shape=shape[1:], console=console)
+    return noise_batch(shape, kind, samples, seed)

@@ -50,18 +50,17 @@ def test_target_bits_out_of_range_is_refused(bad):
 
 def test_output_probe_measures_only_the_changed_layers():
     from conftest import chain_model
-    from dfmpc_onnx.api import _opset_model
     from dfmpc_onnx.fold import fold_batchnorm
     from dfmpc_onnx.graph import find_layers, import_graph
-    from dfmpc_onnx.load import load_model
+    from dfmpc_onnx.load import load_whole_model
     from dfmpc_onnx.sensitivity import output_probe
-    from dfmpc_onnx.synthetic import synthetic_batch
+    from dfmpc_onnx.maths.noise import noise_batch
 
-    model = load_model(chain_model())
+    model = load_whole_model(chain_model())
     graph = import_graph(model)
     fold_batchnorm(graph)
     layers, _ = find_layers(graph)
-    probe = output_probe(graph, layers, synthetic_batch([1, 3, 8, 8], "pink", 4, 0), _opset_model(model), 1)
+    probe = output_probe(graph, layers, noise_batch([1, 3, 8, 8], "pink", 4, 0), model)
     signal, noise = probe.noise({})
     assert signal > 0 and noise == 0.0
     layer = layers["conv1"]

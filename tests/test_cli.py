@@ -194,7 +194,7 @@ def test_non_constant_weight_is_left_float(tmp_path):
     result = run_cli(path, tmp_path / "out.onnx")
     assert result.returncode == 0, result.stderr
     assert "left float: stem: weight 'stem.w' is not a constant" in result.stdout
-    assert "refinement skipped: it needs one float input, the model has 2 inputs" in result.stdout
+    assert "refinement skipped: it needs a model with one input, this one has 2" in result.stdout
 
 
 def test_no_pair_quantizes_everything_high(tmp_path):
@@ -238,21 +238,22 @@ def test_external_data_never_replaces_the_inputs_data(tmp_path):
 
 
 def test_automatic_external_data_above_the_protobuf_limit(monkeypatch, tmp_path):
-    import dfmpc_onnx.api as api
-    monkeypatch.setattr(api, "PROTOBUF_LIMIT", 1000)
+    import dfmpc_onnx.save as save
+    monkeypatch.setattr(save, "PROTOBUF_LIMIT", 1000)
     out = tmp_path / "out.onnx"
-    assert api.save_model_atomic(chain_model(), out) is True
+    assert save.save_model_atomic(chain_model(), out) is True
     assert (tmp_path / "out.onnx.data").exists() and onnx.load(str(out)).graph.initializer
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_keep_failed_writes_the_failing_model(model_path, tmp_path, monkeypatch):
     import dfmpc_onnx.api as api
+    import dfmpc_onnx.check as check
     from dfmpc_onnx.errors import CheckError
 
-    def failing_check(*args, **kwargs):
+    def failing_comparison(*args, **kwargs):
         raise CheckError("simulated check failure")
-    monkeypatch.setattr(api, "check_with_onnxruntime", failing_check)
+    monkeypatch.setattr(check, "_compare", failing_comparison)
     out = tmp_path / "out.onnx"
     with pytest.raises(CheckError):
         api.quantize_file(model_path, out, synthetic="pink")

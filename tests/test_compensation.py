@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from dfmpc_onnx.compensation import solve_compensation
-from dfmpc_onnx.quantizers import ternary_quantize
+from dfmpc_onnx.maths.compensation import solve_compensation
+from dfmpc_onnx.maths.quantizers import ternary_quantize
 
 
 def surrogate_loss(c, w, what, b, lambda1, lambda2):

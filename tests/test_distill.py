@@ -9,7 +9,7 @@ import pytest
 from conftest import GraphBuilder, chain_model, residual_model, run_model
 from dfmpc_onnx.distill import TorchGraph, distill_inputs, fold_constant_subgraphs
 from dfmpc_onnx.errors import InputError
-from dfmpc_onnx.load import load_model
+from dfmpc_onnx.load import load_whole_model
 
 
 def padded_shortcut_model():
@@ -34,7 +34,7 @@ def torch():
 
 @pytest.mark.parametrize("make", [chain_model, residual_model, padded_shortcut_model])
 def test_torch_interpreter_matches_onnxruntime(torch, make):
-    model = load_model(make())
+    model = load_whole_model(make())
     graph = fold_constant_subgraphs(gs.import_onnx(model))
     assert not [n for n in graph.nodes if n.op in ("Shape", "Gather", "Concat")] or make is not padded_shortcut_model
     interpreter = TorchGraph(graph, torch)
@@ -48,7 +48,7 @@ def test_torch_interpreter_matches_onnxruntime(torch, make):
 
 
 def test_distillation_lowers_the_batchnorm_loss_and_is_seeded(torch):
-    model = load_model(residual_model())
+    model = load_whole_model(residual_model())
     graph = fold_constant_subgraphs(gs.import_onnx(model))
     interpreter = TorchGraph(graph, torch)
     start = distill_inputs(model, samples=8, seed=3, steps=0)
@@ -62,7 +62,7 @@ def test_distillation_lowers_the_batchnorm_loss_and_is_seeded(torch):
 
 def test_model_without_batchnorm_is_refused(torch):
     g = GraphBuilder()
-    model = load_model(g.model(g.node("Relu", [g.conv("x", 3, 4)])))
+    model = load_whole_model(g.model(g.node("Relu", [g.conv("x", 3, 4)])))
     with pytest.raises(InputError, match="needs BatchNormalization"):
         distill_inputs(model, samples=2, seed=0, steps=1)
 
@@ -70,7 +70,7 @@ def test_model_without_batchnorm_is_refused(torch):
 def test_missing_torch_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(InputError, match="needs PyTorch"):
-        distill_inputs(load_model(chain_model()), samples=2, seed=0, steps=1)
+        distill_inputs(load_whole_model(chain_model()), samples=2, seed=0, steps=1)
 
 
 def test_default_with_pytorch_is_refit_on_distilled_inputs_and_deterministic(torch):
@@ -86,6 +86,6 @@ def test_distill_dynamic_spatial_dims_take_the_given_shape(torch):
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "H", "W"
     with pytest.raises(Exception):
-        distill_inputs(load_model(model), samples=2, seed=0, steps=1)
-    x = distill_inputs(load_model(model), samples=2, seed=0, steps=2, input_shape=(3, 12, 10))
+        distill_inputs(load_whole_model(model), samples=2, seed=0, steps=1)
+    x = distill_inputs(load_whole_model(model), samples=2, seed=0, steps=2, input_shape=(3, 12, 10))
     assert x.shape == (2, 3, 12, 10)

@@ -97,21 +97,31 @@ def test_no_compensation_leaves_weights_on_the_plain_ternary_grid():
     assert all(layer.c_min is None for layer in report.layers)
 
 
-def test_auto_refinement_resolves_by_what_is_installed(monkeypatch):
+@pytest.mark.parametrize("synthetic,refine,has_batchnorm,torch,expected", [
+    ("auto", "auto", True, False, ("pink", "stats", "twn")),
+    ("auto", "auto", True, True, ("distill", "refit", "optimal")),
+    ("auto", "auto", False, True, ("pink", "stats", "twn")),
+    ("noise", "auto", True, True, ("noise", "stats", "twn")),
+    ("auto", "none", True, True, (None, "none", "twn")),
+    ("auto", "bias", True, True, (None, "bias", "twn")),
+])
+def test_auto_options_resolve_by_the_model_and_what_is_installed(synthetic, refine, has_batchnorm, torch, expected):
+    from dfmpc_onnx.options import ModelFacts, Options, resolve
+    plan = resolve(Options(synthetic=synthetic, refine=refine), ModelFacts(has_batchnorm, torch, None))
+    assert (plan.synthetic, plan.refine, plan.ternary_threshold) == expected
+
+
+def test_model_facts_see_batchnorm_and_pytorch(monkeypatch):
     import importlib.util
-    from dfmpc_onnx.api import resolve_refine, resolve_synthetic
-    from dfmpc_onnx.load import load_model
-    with_bn, without_bn = load_model(chain_model()), load_model(chain_model())
+    from dfmpc_onnx.inputs import model_facts
+    from dfmpc_onnx.load import load_whole_model
+    with_bn, without_bn = load_whole_model(chain_model()), load_whole_model(chain_model())
     del without_bn.graph.node[:]
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
-    assert resolve_synthetic("auto", with_bn) == "pink"
+    assert not model_facts(with_bn, {}).torch_installed and model_facts(with_bn, {}).has_batchnorm
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "torch" else real(name))
-    assert resolve_synthetic("auto", with_bn) == "distill"
-    assert resolve_synthetic("auto", without_bn) == "pink"
-    assert resolve_synthetic("noise", with_bn) == "noise"
-    assert (resolve_refine("auto", "distill"), resolve_refine("auto", "pink")) == ("refit", "stats")
-    assert resolve_refine("none", "distill") == "none"
+    assert model_facts(with_bn, {}).torch_installed and not model_facts(without_bn, {}).has_batchnorm
 
 
 def test_same_input_same_bytes():

@@ -4,11 +4,11 @@ import onnx_graphsurgeon as gs
 from conftest import GraphBuilder, chain_model, residual_model, run_model
 from dfmpc_onnx.fold import fold_batchnorm
 from dfmpc_onnx.graph import import_graph
-from dfmpc_onnx.load import load_model
+from dfmpc_onnx.load import load_whole_model
 
 
 def fold(model):
-    graph = import_graph(load_model(model))
+    graph = import_graph(load_whole_model(model))
     result = fold_batchnorm(graph)
     return gs.export_onnx(graph), result
 
@@ -37,7 +37,7 @@ def test_bn_not_after_conv_is_kept_with_reason():
     g = GraphBuilder()
     y = g.bn(g.node("Relu", [g.conv("x", 3, 4)]), 4, name="prebn")
     _, result = fold(g.model(y))
-    assert result.kept == (("prebn", "not directly after a Conv"),)
+    assert result.unfolded == (("prebn", "not directly after a Conv"),)
 
 
 def test_bn_after_shared_conv_output_is_kept():
@@ -45,4 +45,4 @@ def test_bn_after_shared_conv_output_is_kept():
     y = g.conv("x", 3, 4, name="c")
     z = g.node("Add", [g.bn(y, 4, name="bn"), y])
     _, result = fold(g.model(z))
-    assert result.kept and "other consumers" in result.kept[0][1]
+    assert result.unfolded and "other consumers" in result.unfolded[0][1]

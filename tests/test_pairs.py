@@ -3,12 +3,12 @@ import numpy as np
 from conftest import GraphBuilder, chain_model, residual_model
 from dfmpc_onnx.fold import fold_batchnorm
 from dfmpc_onnx.graph import find_layers, import_graph
-from dfmpc_onnx.load import load_model
+from dfmpc_onnx.load import load_whole_model
 from dfmpc_onnx.pairs import find_pairs
 
 
 def search(model, fixed=None):
-    graph = import_graph(load_model(model))
+    graph = import_graph(load_whole_model(model))
     fold_batchnorm(graph)
     layers, _ = find_layers(graph)
     return find_pairs(graph, layers, fixed or {})

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dfmpc_onnx.quantizers import dorefa_quantize, quantize_rows, sqnr_db, ternary_quantize
+from dfmpc_onnx.maths.quantizers import dorefa_quantize, quantize_rows, sqnr_db, ternary_quantize
 
 finite = st.floats(min_value=-10, max_value=10, allow_nan=False, width=32)
 weights = arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 20)), elements=finite)
@@ -94,7 +94,7 @@ def test_sqnr():
 @given(weights, st.booleans())
 @settings(max_examples=60)
 def test_optimal_ternary_is_no_worse_than_twn_and_beats_every_threshold(w, per_channel):
-    from dfmpc_onnx.quantizers import optimal_ternary_quantize
+    from dfmpc_onnx.maths.quantizers import optimal_ternary_quantize
     best = optimal_ternary_quantize(w, per_channel)
     assert set(np.unique(best.codes)) <= {-1, 0, 1}
     error = lambda q: np.sum((q.dequantize().astype(np.float64) - w) ** 2, axis=1 if per_channel else None)

@@ -8,9 +8,9 @@ from conftest import chain_model, residual_model
 from dfmpc_onnx import quantize
 from dfmpc_onnx.fold import fold_batchnorm
 from dfmpc_onnx.graph import import_graph
-from dfmpc_onnx.load import load_model
-from dfmpc_onnx.refine import channel_affine
-from dfmpc_onnx.synthetic import pink_noise, synthetic_batch
+from dfmpc_onnx.load import load_whole_model
+from dfmpc_onnx.maths.statistics import channel_affine
+from dfmpc_onnx.maths.noise import noise_batch as synthetic_batch, pink_noise
 
 
 def conv_output_stats(model, inputs):
@@ -48,7 +48,7 @@ def test_matched_model_has_the_float_statistics_on_the_synthetic_inputs(make):
 
 def _folded(model):
     """The float model with BatchNorm folded, so that its Conv outputs are the matched tensors."""
-    graph = import_graph(load_model(model))
+    graph = import_graph(load_whole_model(model))
     fold_batchnorm(graph)
     return gs.export_onnx(graph)
 
@@ -89,7 +89,7 @@ def test_synthetic_batch_is_seeded():
 
 
 def test_relu_mean_matches_monte_carlo():
-    from dfmpc_onnx.refine import relu_mean
+    from dfmpc_onnx.maths.batchnorm import relu_mean
     rng = np.random.default_rng(0)
     mean, std = np.array([-1.0, 0.0, 0.7, 2.0, 0.5]), np.array([0.5, 1.0, 2.0, 0.1, 0.0])
     samples = np.maximum(rng.normal(mean, std, size=(400_000, 5)), 0).mean(axis=0)
@@ -97,26 +97,24 @@ def test_relu_mean_matches_monte_carlo():
 
 
 def test_bias_correction_removes_the_expected_output_error():
-    from dfmpc_onnx.refine import correct_bias
     from dfmpc_onnx.graph import find_layers, to_rows
-    from dfmpc_onnx.plan import QuantizedLayer
-    from dfmpc_onnx.quantizers import ternary_quantize
-    graph = import_graph(load_model(chain_model(n_convs=1)))
+    from dfmpc_onnx.maths.quantizers import ternary_quantize
+    from dfmpc_onnx.maths.statistics import expected_output_error
+    graph = import_graph(load_whole_model(chain_model(n_convs=1)))
     layers, _ = find_layers(graph)
     layer = layers["conv0"]
     q = ternary_quantize(to_rows(layer.weight, 0))
-    ql = QuantizedLayer(layer, "low", None, q)
     input_mean = np.linspace(0.1, 1.0, layer.weight.shape[1])
-    _, bias = correct_bias(ql, (q, layer.bias), input_mean)
+    w_hat = q.dequantize().reshape(layer.weight.shape)
+    bias = (0 if layer.bias is None else layer.bias) - expected_output_error(w_hat - layer.weight, input_mean, 1)
     # a constant input equal to the mean, away from the padded border, gives the float output exactly
     kernel_sum = lambda w: w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ input_mean
-    w_hat = q.dequantize().reshape(layer.weight.shape)
     float_out = kernel_sum(layer.weight) + (0 if layer.bias is None else layer.bias)
     np.testing.assert_allclose(kernel_sum(w_hat) + bias, float_out, rtol=1e-5, atol=1e-5)
 
 
 def test_im2col_matches_convolution():
-    from dfmpc_onnx.refine import im2col
+    from dfmpc_onnx.maths.statistics import im2col
     from conftest import GraphBuilder, run_model
     rng = np.random.default_rng(5)
     g = GraphBuilder(input_shape=(2, 3, 7, 7))

@@ -70,7 +70,7 @@ def test_old_opset9_with_initializers_as_inputs():
     pairs, refused, report = search("old_opset9")
     assert pairs == {("features.1.0", "features.2.0", 0, ("Relu",))}
     assert set(refused) == {"features.0.0", "fc"}
-    assert not report.kept_batchnorm
+    assert not report.unfolded_batchnorm
 
 
 ZOO = ["vgg_chain", "mobilenetv2_block", "bottleneck_resnet", "concat_net", "old_opset9"]

@@ -1,4 +1,4 @@
-"""Stage 4: weight quantizers (spec section 2).
+"""Weight quantizers (spec section 2): ternary (Eqs. 3-4) and DoReFa k-bit (Eq. 6).
 
 Both work on a weight laid out as rows, one row per output channel (see
 ``graph.to_rows``), and return integer codes and one scale per row, so that
@@ -90,7 +90,7 @@ def optimal_ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> Qua
 KBIT_RANGES = ("max", "mse")
 
 
-def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, weight_range: str = "max") -> QuantizedWeight:
+def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit_range: str = "max") -> QuantizedWeight:
     """k-bit uniform weights, Eq. 6 (DoReFa-Net):
 
         Q_k(W) = M (2/(2^k - 1) round((2^k - 1)(W/(2M) + 1/2)) - 1),  M = max(|W|)
@@ -98,7 +98,7 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, weig
     The 2^k levels are M q / (2^k - 1) for odd q in [-(2^k - 1), 2^k - 1]:
     codes are q (held in a signed (k+1)-bit type; ``emit.storage_parts`` stores
     them in k bits), scale is M / (2^k - 1).
-    M is taken per tensor (the paper) or per output channel. ``weight_range``
+    M is taken per tensor (the paper) or per output channel. ``kbit_range``
     "mse" replaces M = max|W| by the alpha M (alpha in [0.3, 1]) that
     minimises the squared error, clipping the few largest weights.
     """
@@ -108,7 +108,7 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, weig
     rows = np.ascontiguousarray(rows)
     _, row_max = _row_abs_sum_and_max(rows)
     m = row_max if per_channel else np.full(rows.shape[0], row_max.max(initial=0.0))
-    if weight_range == "mse" and rows.size:
+    if kbit_range == "mse" and rows.size:
         axis = 1 if per_channel else None
         m = np.broadcast_to(mse_range(rows.astype(np.float64), m[:, None] if per_channel else m[:1, None], levels,
                                       axis).reshape(-1), m.shape).copy()
@@ -138,12 +138,14 @@ def mse_range(w: np.ndarray, m: np.ndarray, levels: int, axis: int | None, grid:
 TERNARY_THRESHOLDS = ("twn", "optimal")
 
 
-def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary: str = "twn",
-                  weight_range: str = "max") -> QuantizedWeight:
+def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary_threshold: str = "twn",
+                  kbit_range: str = "max") -> QuantizedWeight:
     """Ternary for 2 bits (Eqs. 3-4, or the optimal threshold), DoReFa for 3 bits and more (Eq. 6)."""
     if bits == 2:
-        return optimal_ternary_quantize(rows, per_channel) if ternary == "optimal" else ternary_quantize(rows, per_channel)
-    return dorefa_quantize(rows, bits, per_channel, weight_range)
+        if ternary_threshold == "optimal":
+            return optimal_ternary_quantize(rows, per_channel)
+        return ternary_quantize(rows, per_channel)
+    return dorefa_quantize(rows, bits, per_channel, kbit_range)
 
 
 def _int_type(storage_bits: int) -> type:

@@ -1,4 +1,4 @@
-"""Stage 5: the closed-form compensation coefficients (spec section 3, Eqs. 7-10).
+"""The closed-form compensation coefficients (spec section 3, Eqs. 7-10).
 
 For each output channel j of the low-bit producer P, with W_j and b_j its
 (BatchNorm-folded) float weight row and bias and What_j its quantized row,

@@ -1,0 +1,77 @@
+"""The model's inputs: which are real, their declared shapes, ``--input-shape``, the shape of the
+synthetic inputs, and the facts the resolution of ``auto`` options needs."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import onnx
+
+from .errors import InputError
+from .options import ModelFacts
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: graph inputs that are not initializers (old exporters list both)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def declared_shape(value: onnx.ValueInfoProto) -> list:
+    """An input's dims: ints where static, the dim's name or None where dynamic."""
+    dims = value.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in dims]
+
+
+def resolve_input_shapes(model: onnx.ModelProto, given: tuple[tuple[str | None, tuple[int, ...]], ...]
+                         ) -> dict[str, tuple[int, ...]]:
+    """``--input-shape`` values checked against the model's inputs, keyed by input name.
+
+    A None name means the model's only input. Each shape must have the input's
+    rank, positive dims, and agree with every static dim of the input.
+    """
+    inputs = {value.name: value for value in model_inputs(model)}
+    shapes = {}
+    for name, dims in given:
+        if name is None:
+            if len(inputs) != 1:
+                raise InputError(f"--input-shape: the model has {len(inputs)} inputs "
+                                 f"({', '.join(inputs)}); write NAME:DIMS")
+            name = next(iter(inputs))
+        if name not in inputs:
+            raise InputError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(inputs)})")
+        declared = declared_shape(inputs[name])
+        dims = tuple(int(d) for d in dims)
+        if len(dims) != len(declared) or min(dims, default=1) <= 0 or any(
+                isinstance(d, int) and d != g for d, g in zip(declared, dims)):
+            shown = ",".join(str(d) if d else "?" for d in declared)
+            raise InputError(f"--input-shape: {','.join(map(str, dims))} does not fit input '{name}' of shape "
+                             f"{shown}")
+        shapes[name] = dims
+    return shapes
+
+
+def synthesis_shape(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list | str:
+    """The shape of the synthetic inputs (the model's one float input, with ``--input-shape`` dims where
+    the model's are dynamic), or why the model cannot take synthetic inputs."""
+    inputs = model_inputs(model)
+    if len(inputs) != 1:
+        return f"it needs a model with one input, this one has {len(inputs)}"
+    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        kind = onnx.helper.tensor_dtype_to_string(inputs[0].type.tensor_type.elem_type) \
+            if inputs[0].type.tensor_type.elem_type else "not a tensor"
+        return f"it needs a float32 input, input '{inputs[0].name}' is {kind}"
+    shape = list(shapes.get(inputs[0].name, declared_shape(inputs[0])))
+    if len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):
+        shown = ",".join(str(d) if isinstance(d, int) else "?" for d in shape)
+        return f"input shape {shown} is dynamic after the batch dim (give one with --input-shape)"
+    return shape
+
+
+def model_facts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> ModelFacts:
+    """What the resolution of ``auto`` options needs to know of ``model`` and of this installation."""
+    shape = synthesis_shape(model, shapes)
+    return ModelFacts(has_batchnorm=any(node.op_type == "BatchNormalization" for node in model.graph.node),
+                      torch_installed=importlib.util.find_spec("torch") is not None,
+                      obstacle=shape if isinstance(shape, str) else None)
+

@@ -1,0 +1,275 @@
+"""Every option of the tool in one place: its choices, default, help and validation (``Options``,
+``OutputOptions``), and the one resolution of the ``auto`` values, fallbacks included, into the ``Plan``
+that runs and that the report prints. The command line is generated from these fields (``cli.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+MAX_BITS = 16
+WIDTHS = (2, 4, 6, 8)
+"""The bit widths ``--target-bits`` chooses from (3 and 5 bits are stored in 4 and 6, so never cheaper)."""
+DEFAULT_SCHEME = "2/6"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """``LOW/HIGH``: pair producers get LOW bits (2 = ternary), consumers and unpaired layers HIGH."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str) -> Scheme:
+        parts = str(text).split("/")
+        try:
+            if len(parts) > 2:
+                raise ValueError
+            low, high = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+        except ValueError:
+            raise ValueError(f"scheme '{text}' is not LOW/HIGH or B, e.g. 2/6 or 4") from None
+        if not 2 <= low <= high <= MAX_BITS:
+            raise ValueError(f"scheme '{text}' needs 2 <= LOW <= HIGH <= {MAX_BITS}")
+        return cls(low, high)
+
+    def __str__(self) -> str:
+        return f"{self.low}/{self.high}"
+
+
+def option(default, help: str, *, choices: tuple | None = None, flag: str | tuple[str, ...] | None = None,
+           metavar: str | None = None, cli: str = "value", parse=None):
+    """A field of ``Options``: its default and what the command line shows. ``cli`` says how the flag
+    reads: "value" (one value; ``parse`` turns the text into it), "negate" (--no-X sets False),
+    "toggle" (--X / --no-X), "switch" (--X sets True), "many" (one or more values), "csv" (a
+    comma-separated list), "repeat" (the flag may be given several times)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli,
+                                                parse=parse))
+
+
+def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...]]:
+    """An ``--input-shape`` value, "1,3,224,224", "3,224,224" or "input:1,3,224,224", as (name or None, dims)."""
+    name, _, dims = str(spec).rpartition(":")
+    try:
+        return name or None, tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        raise InputError(f"--input-shape: '{spec}' is not [NAME:]D0,D1,... with integer dims") from None
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``quantize`` does. Every field can be given to ``quantize`` as a keyword; ``auto`` values are
+    resolved per model by ``resolve``."""
+
+    scheme: Scheme | None = option(
+        None, f"LOW/HIGH bit widths of pair producers / consumers and unpaired layers (default {DEFAULT_SCHEME}); "
+              "B is uniform B bits. LOW=2 is ternary (Eqs. 3-4), other widths DoReFa (Eq. 6)", metavar="LOW/HIGH")
+    target_bits: float | None = option(
+        None, "instead of --scheme, choose 2/4/6/8 bits per pair and per unpaired layer for an average of at most "
+              "B stored integer bits per quantized weight, by output agreement with the float model on the "
+              "synthetic inputs (inference only, no data)", metavar="B", parse=float)
+    format: str = option("qdq", "qdq: integer weights + DequantizeLinear; float: the same weights as float "
+                                "initializers, for any runtime", choices=("qdq", "float"))
+    granularity: str = option("auto", "quantizer scales per tensor (the paper) or per output channel; auto: per "
+                                      "tensor for ternary layers, per channel for k-bit layers",
+                              choices=("auto", "tensor", "channel"))
+    ternary_threshold: str = option("auto", "twn: Delta = 0.7 mean|W| (Eq. 4); optimal: the exact least-squares "
+                                            "threshold; auto: optimal under --refine refit, else twn",
+                                    choices=("auto", "twn", "optimal"))
+    kbit_range: str = option("max", "M of the k-bit quantizer (Eq. 6): max|W| (the paper) or the clipped range "
+                                    "with the least squared error", choices=("max", "mse"))
+    lambda1: float = option(0.5, "weight of the bias term of the closed form")
+    lambda2: float = option(0.0, "weight of the ||c||^2 term of the closed form")
+    compensate: bool = option(True, "plain rounding, c = 1 ('Original' in the paper)", flag="--no-compensation",
+                              cli="negate")
+    placement: str = option("producer", "where c is applied; consumer (Eq. 7 literally) needs --format float and "
+                                        "runs no refinement (it works on producer-placed weights)",
+                            choices=("producer", "consumer"))
+    refine: str = option("auto", "after compensation, data-free: stats matches each quantized conv's per-channel "
+                                 "output mean and variance to the float model's on synthetic inputs; refit first "
+                                 "re-solves each pair consumer by least squares on them; bias subtracts the expected "
+                                 "output error from BatchNorm statistics; none is the paper alone. auto: refit on "
+                                 "distilled inputs, stats on noise, none with --placement consumer",
+                         choices=("auto", "none", "bias", "stats", "refit"))
+    synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise, white noise, or pink noise optimised so "
+                                    "that the model's BatchNorm layers see their running statistics (needs "
+                                    "PyTorch). auto: distill when PyTorch is installed and the model has BatchNorm "
+                                    "statistics, else pink", choices=("auto", "pink", "noise", "distill"))
+    samples: int = option(64, "number of synthetic inputs")
+    seed: int = option(0, "seed of the synthetic inputs (0 or more)")
+    relu6: str = option("refuse", "a Clip(0, 6) between producer and consumer: refuse the pair; pair across it "
+                                  "(exact, c sits on the producer); relu: first replace each Clip that its input "
+                                  "statistics say is rarely reached by Relu (a model change, reported)",
+                        choices=("refuse", "pair", "relu"))
+    keep_first: bool = option(True, "keep the first layer out of pairs, at HIGH bits", cli="toggle")
+    keep_last: bool = option(True, "keep the last layer (classifier) out of pairs, at HIGH bits", cli="toggle")
+    exclude: tuple[str, ...] = option((), "leave these Conv/Gemm/MatMul nodes in float", metavar="NODE_NAME",
+                                      cli="many")
+    check: bool = option(True, "skip the onnxruntime comparison of the float and quantized model",
+                         flag="--no-check", cli="negate")
+    providers: tuple[str, ...] = option(("cpu",), "comma-separated onnxruntime providers for the check: cpu, cuda",
+                                        cli="csv")
+    check_batch: int = option(1, "batch size for dynamic batch dims in the check")
+    input_shapes: tuple[tuple[str | None, tuple[int, ...]], ...] = option(
+        (), "shape for an input with dynamic dims, used by the check and the synthetic inputs (the output keeps "
+            "the dynamic dims); NAME: is needed for models with several inputs; repeatable",
+        flag="--input-shape", metavar="[NAME:]D0,D1,...", cli="repeat", parse=parse_input_shape)
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        _check_choices(self)
+        _check_numbers(self)
+        _check_combinations(self)
+
+    def per_channel(self, bits: int) -> bool:
+        """Whether a layer quantized to ``bits`` gets one quantizer scale per output channel.
+
+        "tensor" (the paper) and "channel" apply to every layer; "auto" is per tensor for ternary layers
+        and per channel for k-bit ones (k >= 3). Measured (README): per channel costs ternary layers
+        accuracy on the CIFAR ResNets, while k-bit layers gain from it, and a lot in models whose folded
+        BatchNorm leaves channel ranges orders of magnitude apart (EfficientNet-Lite0 at 8/8: 73 % per
+        tensor, 88 % per channel)."""
+        if self.granularity == "auto":
+            return bits >= 3
+        return self.granularity == "channel"
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How ``quantize_file`` and the command line write and show the result."""
+
+    external_data: bool | None = option(None, "store the weights in OUTPUT.data beside the model (automatic above "
+                                              "2 GiB)", cli="switch")
+    keep_failed: bool = option(False, "write the output even when it fails the onnxruntime check (exit status "
+                                      "still 3)", cli="switch")
+    report: Path | None = option(None, "also write the full report as JSON", metavar="PATH.json", parse=Path)
+    quiet: bool = option(False, "print nothing but errors", flag=("-q", "--quiet"), cli="switch")
+    verbose: bool = option(False, "also print the time of each stage", flag=("-v", "--verbose"), cli="switch")
+
+    def __post_init__(self) -> None:
+        if self.quiet and self.verbose:
+            raise InputError("-q and -v exclude each other")
+
+
+def flags(item: dataclasses.Field) -> tuple[str, ...]:
+    """The command-line flags of an option field: its own, or --NAME with dashes."""
+    flag = item.metadata["flag"] or "--" + item.name.replace("_", "-")
+    return (flag,) if isinstance(flag, str) else tuple(flag)
+
+
+def _normalise(options: Options) -> None:
+    """Lists to tuples, a scheme's text to a ``Scheme``, a dict of input shapes to pairs (frozen fields)."""
+    def put(name, value):
+        object.__setattr__(options, name, value)
+    if options.scheme is not None and not isinstance(options.scheme, Scheme):
+        try:
+            put("scheme", Scheme.parse(options.scheme))
+        except ValueError as err:
+            raise InputError(f"--scheme: {err}") from None
+    put("exclude", tuple(options.exclude))
+    providers = options.providers.split(",") if isinstance(options.providers, str) else options.providers
+    put("providers", tuple(p.strip() for p in providers if p.strip()))
+    shapes = options.input_shapes.items() if isinstance(options.input_shapes, dict) else options.input_shapes
+    put("input_shapes", tuple((name, tuple(int(d) for d in dims)) for name, dims in shapes))
+
+
+def _check_choices(options: Options) -> None:
+    for item in dataclasses.fields(options):
+        choices = item.metadata["choices"]
+        value = getattr(options, item.name)
+        if choices and value not in choices:
+            raise InputError(f"{flags(item)[0]} must be one of {', '.join(choices)}, not '{value}'")
+
+
+def _check_numbers(options: Options) -> None:
+    if not all(math.isfinite(v) and v >= 0 for v in (options.lambda1, options.lambda2)):
+        raise InputError("--lambda1 and --lambda2 must be finite and non-negative")
+    if options.samples < 2:
+        raise InputError("--samples must be at least 2")
+    if not 0 <= options.seed < 2**63:
+        raise InputError("--seed must be between 0 and 2^63 - 1")
+    if options.check_batch < 1:
+        raise InputError("--check-batch must be at least 1")
+    if options.target_bits is not None and not (
+            math.isfinite(options.target_bits) and min(WIDTHS) <= options.target_bits <= max(WIDTHS)):
+        raise InputError(f"--target-bits must be between {min(WIDTHS)} and {max(WIDTHS)}")
+    if not options.providers:
+        raise InputError("--providers names no execution provider")
+
+
+def _check_combinations(options: Options) -> None:
+    if options.target_bits is not None and options.scheme is not None:
+        raise InputError("--scheme and --target-bits exclude each other: --target-bits chooses the widths")
+    if options.target_bits is not None and options.format != "qdq":
+        raise InputError("--target-bits needs --format qdq (the budget is stored bits)")
+    if options.placement == "consumer" and (options.format == "qdq" or options.relu6 == "pair"
+                                            or options.refine not in ("auto", "none")):
+        raise InputError("--placement consumer needs --format float, runs no refinement (--refine none) and "
+                         "refuses --relu6 pair (c on the consumer would move the clip point)")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the resolution of ``auto`` values needs to know about the model and the installation."""
+
+    has_batchnorm: bool
+    torch_installed: bool
+    obstacle: str | None
+    """Why the model cannot take synthetic inputs (several inputs, dynamic dims), or None."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The options as they run on one model: every ``auto`` resolved, and ``decisions`` saying how."""
+
+    options: Options
+    facts: ModelFacts
+    scheme: Scheme | None
+    """None under --target-bits."""
+    synthetic: str | None
+    """The synthetic inputs made, None when nothing needs them or the model cannot take them."""
+    refine: str
+    ternary_threshold: str
+    decisions: tuple[str, ...] = ()
+
+    @property
+    def needs_inputs(self) -> bool:
+        return self.synthetic is not None
+
+    def without_distillation(self, reason: str) -> Plan:
+        """The plan once distillation, chosen by ``--synthetic auto``, turned out impossible: pink noise,
+        and every other ``auto`` resolved again for it."""
+        plan = resolve(dataclasses.replace(self.options, synthetic="pink"), self.facts)
+        note = f"distillation not possible ({reason}); used pink noise, refinement {plan.refine}"
+        return dataclasses.replace(plan, decisions=self.decisions + (note,) + plan.decisions)
+
+
+def resolve(options: Options, facts: ModelFacts) -> Plan:
+    """The ``auto`` values for this model, in order: synthetic inputs, then the refinement (none when the
+    model cannot take synthetic inputs), then the ternary threshold (each rests on the one before)."""
+    decisions = []
+    synthetic = options.synthetic
+    if synthetic == "auto":
+        synthetic = "distill" if facts.has_batchnorm and facts.torch_installed else "pink"
+    refine = options.refine
+    if refine == "auto":
+        # least squares on noise hurts (README, "Results"), and refinement needs producer placement
+        refine = "none" if options.placement == "consumer" else "refit" if synthetic == "distill" else "stats"
+    wanted = refine in ("stats", "refit") or options.target_bits is not None
+    if wanted and facts.obstacle:
+        if options.target_bits is not None:
+            raise InputError(f"--target-bits needs synthetic inputs: {facts.obstacle}")
+        decisions.append(f"refinement skipped: {facts.obstacle}")
+        refine, wanted = "none", False
+    ternary_threshold = options.ternary_threshold
+    if ternary_threshold == "auto":
+        # with refit each consumer is re-solved against the float outputs, so the smaller weight error of
+        # the least-squares threshold carries through; it scored higher there and lower under stats
+        ternary_threshold = "optimal" if refine == "refit" else "twn"
+    scheme = options.scheme or (Scheme.parse(DEFAULT_SCHEME) if options.target_bits is None else None)
+    return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, tuple(decisions))

@@ -1,0 +1,89 @@
+"""A graph cut after each of a list of convs, run segment by segment on chunks of inputs (``Segments``):
+what statistics matching runs the float and the quantized model through, side by side, once."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import Layer, with_weight_inputs
+from .runtime import graph_session, own_graph
+
+
+class Segments:
+    """``graph`` cut after each conv of ``convs`` (in topological order): segment k runs the nodes from
+    just after conv k-1 to conv k, reading the graph input, the tensors earlier segments left, and the
+    quantized layers' weights (as inputs), and leaving every tensor a later segment reads."""
+
+    def __init__(self, graph: gs.Graph, layers: dict[str, Layer], convs: list[str], extra: set[str],
+                 like: onnx.ModelProto):
+        probe, self.weight_inputs = with_weight_inputs(graph, layers, [t.name for t in graph.outputs])
+        probe.toposort()
+        model = gs.export_onnx(probe, do_type_check=False)
+        self.input_name = graph.inputs[0].name
+        nodes = list(model.graph.node)
+        position = {node.name: i for i, node in enumerate(nodes)}
+        cuts = [position[name] for name in convs]
+        initializers = {t.name: t for t in model.graph.initializer}
+        types = {v.name: v.type for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+        weight_names = {n for pair in self.weight_inputs.values() for n in pair if n}
+        bounds = list(zip([0] + [c + 1 for c in cuts[:-1]], [c + 1 for c in cuts]))
+        reads = [set().union(*(_node_reads(n) for n in nodes[a:b])) for a, b in bounds]
+        writes = [{o for n in nodes[a:b] for o in n.output if o} for a, b in bounds]
+        self.sessions, self.inputs, self.outputs = [], [], []
+        self.layers: list[list[str]] = []  # the quantized layers whose weights segment k reads
+        self.last_used_by: list[set[str]] = [set() for _ in bounds]
+        for k, (a, b) in enumerate(bounds):
+            later = set().union(*reads[k + 1:]) if k + 1 < len(reads) else set()
+            outputs = sorted(name for name in writes[k] if name in later or name in extra)
+            outputs.append(nodes[b - 1].output[0])
+            data_inputs = sorted(name for name in reads[k] - writes[k]
+                                 if name not in initializers and name not in weight_names)
+            weights = sorted(name for name in reads[k] if name in weight_names)
+            self.layers.append([layer for layer, pair in self.weight_inputs.items() if pair[0] in reads[k]])
+            segment = onnx.helper.make_graph(
+                nodes[a:b], f"segment{k}",
+                [_value_info(name, types) for name in data_inputs + weights],
+                [_value_info(name, types) for name in dict.fromkeys(outputs)],
+                [initializers[name] for name in sorted(reads[k]) if name in initializers])
+            self.sessions.append(graph_session(onnx.helper.make_model(segment), like, "statistics matching"))
+            self.inputs.append((data_inputs, weights))
+            self.outputs.append(list(dict.fromkeys(outputs)))
+        last_use = {}
+        for k, names in enumerate(reads):
+            for name in names:
+                last_use[name] = k
+        for name, k in last_use.items():
+            if name != self.input_name:
+                self.last_used_by[k].add(name)
+
+    def run(self, index: int, values: dict[str, list[np.ndarray]],
+            weights: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+        """Segment ``index`` on ``values`` (name -> one array per chunk of inputs): the tensors it leaves,
+        per chunk (a tensor such as a Reshape's shape may depend on the chunk's size)."""
+        data_inputs, weight_inputs = self.inputs[index]
+        feed_weights = {name: weights[name] for name in weight_inputs}
+        with own_graph("statistics matching"):
+            parts = [self.sessions[index].run(self.outputs[index], {
+                **{name: values[name][c] for name in data_inputs}, **feed_weights})
+                for c in range(len(values[self.input_name]))]
+        return {name: [part[i] for part in parts] for i, name in enumerate(self.outputs[index])}
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    """The tensor names a node reads, including those its subgraphs read from the enclosing graph."""
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input} | {
+                t.name for t in sub.initializer}
+            names |= {name for n in sub.node for name in _node_reads(n) if name not in inner}
+    return names
+
+
+def _value_info(name: str, types: dict[str, onnx.TypeProto]) -> onnx.ValueInfoProto:
+    """A value info with the tensor's element type and no shape (every chunk size fits); float if unknown."""
+    elem = types[name].tensor_type.elem_type if name in types and types[name].tensor_type.elem_type else (
+        onnx.TensorProto.FLOAT)
+    return onnx.helper.make_tensor_value_info(name, elem, None)

@@ -1,0 +1,143 @@
+"""How each bit width is stored: integer types, the split of DoReFa codes into parts, packing into
+bytes, and the opset every type needs (``storage_parts`` for the policy)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+from numba import njit, prange
+from onnx import numpy_helper, version_converter
+
+from .errors import InputError, first_line
+from .graph import WEIGHTED_OPS
+from .load import default_opset
+from .maths.quantizers import QuantizedWeight
+from .options import WIDTHS, Plan
+
+
+def storage_parts(bits: int) -> tuple[tuple[type, int], ...]:
+    """How a layer quantized to ``bits`` is stored: (integer type, step) per part, the step in units of
+    the quantizer's scale s.
+
+    Ternary codes T (Eq. 3) go in INT2 with step 1 (W = s T). DoReFa codes q
+    (Eq. 6) are odd, so m = (q - 1) / 2 is a signed ``bits``-bit integer and
+    W = s (2 m + 1): m goes in INT4, INT8 or INT16 with step 2, or, for 5 and
+    6 bits, in an INT4 high part and a UINT2 low part, m = 4 hi + lo (steps
+    8 and 2), so that 6-bit weights take 6 bits. The "+ s" is added after the
+    DequantizeLinear nodes; the file stores one scale per channel (``emit_qdq``).
+    """
+    if bits == 2:
+        return ((ml_dtypes.int2, 1),)
+    if bits <= 4:
+        return ((ml_dtypes.int4, 2),)
+    if bits <= 6:
+        return ((ml_dtypes.int4, 8), (ml_dtypes.uint2, 2))
+    if bits <= 8:
+        return ((np.int8, 2),)
+    if bits <= 16:
+        return ((np.int16, 2),)
+    raise ValueError(f"no integer storage for {bits}-bit weights")
+
+
+OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}
+"""The first opset whose DequantizeLinear takes the type with a per-axis scale."""
+
+
+def storage_opset(bits: int) -> int:
+    """The opset that ``storage_parts(bits)`` needs."""
+    return max(OPSET_FOR_TYPE[dtype] for dtype, _ in storage_parts(bits))
+
+
+def stored_rows(q: QuantizedWeight) -> np.ndarray:
+    """The weight rows exactly as the qdq model computes them from its stored integers, in float32:
+    each part times (step x scale), summed, plus the scale for DoReFa codes."""
+    scale = q.scale.astype(np.float32)[:, None]
+    rows = None
+    for (_, step), part in zip(storage_parts(q.bits), split_codes(q)):
+        term = part.astype(np.float32) * (scale * np.float32(step))
+        rows = term if rows is None else rows + term
+    return rows + scale if q.bits > 2 else rows
+
+
+def split_codes(q: QuantizedWeight) -> list[np.ndarray]:
+    """The integer parts of ``storage_parts(q.bits)`` for q's codes (rows), in order."""
+    if q.bits == 2:
+        return [q.codes]
+    if len(storage_parts(q.bits)) == 2:
+        return list(_high_and_low(q.codes))
+    return [(q.codes - 1) // 2]  # odd codes: exact, and in the codes' own integer type
+
+
+@njit(cache=True, parallel=True)
+def _high_and_low(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """m = (q - 1) / 2 split as m = 4 hi + lo, hi in [-8, 7], lo in [0, 3], in one pass."""
+    high = np.empty(codes.shape, dtype=np.int8)
+    low = np.empty(codes.shape, dtype=np.int8)
+    for j in prange(codes.shape[0]):
+        for k in range(codes.shape[1]):
+            m = (np.int32(codes[j, k]) - 1) >> 1
+            high[j, k] = m >> 2
+            low[j, k] = m & 3
+    return high, low
+
+
+def packed_tensor(name: str, values: np.ndarray, dtype: type) -> onnx.TensorProto:
+    """``values`` (integers in range) as a TensorProto of ``dtype``; INT2/UINT2 four and INT4 two to a byte,
+    first element in the lowest bits, as the ONNX spec lays them out."""
+    if dtype not in (ml_dtypes.int2, ml_dtypes.uint2, ml_dtypes.int4):
+        return numpy_helper.from_array(values.astype(dtype), name)
+    bits = 4 if dtype is ml_dtypes.int4 else 2
+    data_type = {ml_dtypes.int2: onnx.TensorProto.INT2, ml_dtypes.uint2: onnx.TensorProto.UINT2,
+                 ml_dtypes.int4: onnx.TensorProto.INT4}[dtype]
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=values.shape)
+    tensor.raw_data = _pack(np.ascontiguousarray(values, dtype=np.int8).reshape(-1), bits).tobytes()
+    return tensor
+
+
+@njit(cache=True, parallel=True)
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    count = values.size
+    out = np.empty((count + per_byte - 1) // per_byte, dtype=np.uint8)
+    for b in prange(out.size):
+        byte = 0
+        for k in range(per_byte):
+            i = b * per_byte + k
+            if i < count:
+                byte |= (np.int32(values[i]) & mask) << (bits * k)
+        out[b] = np.uint8(byte)
+    return out
+
+
+def required_opset(plan: Plan) -> int:
+    """The opset whose DequantizeLinear takes every storage type the plan may write (INT2 and UINT2: 25,
+    INT4: 21): the scheme's two widths, or every width ``--target-bits`` may choose."""
+    widths = (plan.scheme.low, plan.scheme.high) if plan.scheme is not None else WIDTHS
+    return max(storage_opset(bits) for bits in widths)
+
+
+def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, str | None]:
+    """``skeleton`` converted to ``required_opset`` when qdq storage needs it and some layer will be
+    quantized, and a note saying so (else the skeleton as it is, and None)."""
+    opset, needed = default_opset(skeleton), required_opset(plan)
+    if plan.options.format != "qdq" or opset >= needed or not has_float32_weights(skeleton):
+        return skeleton, None
+    try:
+        upgraded = version_converter.convert_version(skeleton, needed)
+    except Exception as err:  # the converter raises several unrelated types
+        raise InputError(f"cannot upgrade the model to opset {needed} for integer storage ({first_line(err)}); "
+                         "use --format float") from None
+    widths = str(plan.scheme) if plan.scheme is not None else "--target-bits"
+    return upgraded, f"opset upgraded from {opset} to {needed} for the integer storage types of {widths} qdq"
+
+
+def has_float32_weights(model: onnx.ModelProto) -> bool:
+    """Whether some Conv, Gemm or MatMul of ``model`` reads a float32 initializer or Constant as its weight:
+    whether anything will be quantized (``graph.find_layers`` says which)."""
+    constants = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    constants |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"
+                  and any(a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT for a in node.attribute)}
+    return any(node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in constants
+               for node in model.graph.node)
