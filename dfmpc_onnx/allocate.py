@@ -20,8 +20,8 @@ import onnx_graphsurgeon as gs
 
 from .graph import Layer, from_rows
 from .options import WIDTHS, Plan
-from .pairs import Pair
-from .plan import compensated, layer_compensation, quantize_layer
+from .pairs import Pair, PairSearch
+from .plan import compensated, layer_compensation, quantize_layer, scheme_bits
 from .progress import Console
 from .sensitivity import output_probe
 
@@ -112,6 +112,15 @@ def _refill(units: list[Unit], sizes: dict[str, int], noise: dict[tuple[int, tup
         _, i, option, added = best
         choice[i] = option
         spare -= added
+
+
+def choose_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], search: PairSearch,
+                inputs: np.ndarray | None, plan: Plan, console: Console) -> tuple[dict[str, int], str | None]:
+    """Bits per layer: the scheme's (LOW for pair producers, HIGH for the rest), or under ``--target-bits``
+    the allocation of ``allocate_bits`` and a note giving it."""
+    if plan.scheme is not None:
+        return scheme_bits(search, layers, plan.scheme), None
+    return allocate_bits(graph, like, layers, search.pairs, inputs, plan, console)
 
 
 def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], pairs: tuple[Pair, ...],

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .allocate import allocate_bits
+from .allocate import choose_bits
 from .check import check_model, run_reference
 from .emit import emit
 from .errors import CheckError, InputError
@@ -23,7 +23,7 @@ from .inputs import model_facts, resolve_input_shapes
 from .load import load_model
 from .options import Options, OutputOptions, resolve
 from .pairs import find_pairs, kept_out_of_pairs
-from .plan import compensate_layers, quantize_layers, scheme_bits
+from .plan import compensate_layers, quantize_layers
 from .progress import Console
 from .refine import refine
 from .relu6 import relax_relu6
@@ -46,8 +46,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
 
     ``options`` (``options.Options``, or a scheme such as "2/6") and keyword arguments of the same names
     say how: ``scheme="2/6"`` (LOW/HIGH bits, "2" is ternary), ``target_bits=3.5``, ``format``,
-    ``refine``, and the rest; each is documented on its field. ``auto`` values are resolved for this model (``options.resolve``) and the
-    report says what they became. ``synthetic_inputs`` (samples x input shape) replaces the generated
+    ``refine``, and the rest; each is documented on its field. ``auto`` values are resolved for this
+    model (``options.resolve``) and the report says what they became. ``synthetic_inputs`` (samples x input shape) replaces the generated
     inputs, e.g. to distill once and reuse; ``console`` receives progress (``progress.Console``).
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
@@ -68,8 +68,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     graph = import_graph(working, weights)
     del weights
     folding = fold_batchnorm(graph)
-    replaced_clips, relu6_note = relax_relu6(graph, folding.preactivation, working, inputs) \
-        if options.relu6 == "relu" else ([], None)
+    replaced_clips, relu6_note = relax_relu6(graph, folding.preactivation, working, inputs, options.relu6)
     stopwatch.lap("fold")
 
     layers, left_float = find_layers(graph, options.exclude)
@@ -79,11 +78,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
                         options.relu6)
     stopwatch.lap("pairs")
 
-    allocation_note = None
-    if plan.scheme is None:
-        bits, allocation_note = allocate_bits(graph, working, layers, search.pairs, inputs, plan, console)
-    else:
-        bits = scheme_bits(search, layers, plan.scheme)
+    bits, allocation_note = choose_bits(graph, working, layers, search, inputs, plan, console)
     qlayers = quantize_layers(layers, search, bits, plan)
     stopwatch.lap("quantize")
     qlayers = compensate_layers(qlayers, options)

@@ -35,7 +35,10 @@ def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int =
         import torch
     except ImportError:
         raise InputError("--synthetic distill needs PyTorch: pip install 'dfmpc-onnx[distill]'") from None
-    graph = fold_constant_subgraphs(gs.import_onnx(with_input_shape(model, samples, input_shape)))
+    shaped = with_input_shape(model, samples, input_shape)
+    if any(not d.HasField("dim_value") for d in shaped.graph.input[0].type.tensor_type.shape.dim[1:]):
+        raise InputError("--synthetic distill needs the input's dims after the batch dim (give --input-shape)")
+    graph = fold_constant_subgraphs(gs.import_onnx(shaped))
     if not [n for n in graph.nodes if n.op == "BatchNormalization"]:
         raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
                          "this model has none (use --synthetic pink)")

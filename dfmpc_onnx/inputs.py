@@ -58,8 +58,8 @@ def synthesis_shape(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) 
     if len(inputs) != 1:
         return f"it needs a model with one input, this one has {len(inputs)}"
     if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        kind = onnx.helper.tensor_dtype_to_string(inputs[0].type.tensor_type.elem_type) \
-            if inputs[0].type.tensor_type.elem_type else "not a tensor"
+        elem_type = inputs[0].type.tensor_type.elem_type
+        kind = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "not a tensor"
         return f"it needs a float32 input, input '{inputs[0].name}' is {kind}"
     shape = list(shapes.get(inputs[0].name, declared_shape(inputs[0])))
     if len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):

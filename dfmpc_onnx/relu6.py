@@ -25,10 +25,13 @@ RARE = 3.0
 
 
 def relax_relu6(graph: gs.Graph, preactivation: dict[str, tuple[np.ndarray, np.ndarray]], like: onnx.ModelProto,
-                inputs: np.ndarray | None) -> tuple[list[str], str | None]:
-    """``--relu6 relu``: Clip(0, hi) -> Relu where statistics say the clip is rarely reached, in place.
+                inputs: np.ndarray | None, relu6: str) -> tuple[list[str], str | None]:
+    """Under ``--relu6 relu``: Clip(0, hi) -> Relu where statistics say the clip is rarely reached, in place.
     The statistics come from folded BatchNorm, else from the float model on ``inputs`` (if any).
-    Returns the replaced Clips and a note for the report (None when the model has no ReLU6)."""
+    Returns the replaced Clips and a note for the report (None when nothing was asked or the model has
+    no ReLU6)."""
+    if relu6 != "relu":
+        return [], None
     clips = relu6_clips(graph)
     statistics = batchnorm_statistics(clips, preactivation)
     missing = [clip for clip in clips if clip.name not in statistics]

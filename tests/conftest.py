@@ -11,7 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-RESNET20 = SHARED / "models" / "cifar10_resnet20.onnx"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+RESNET20 = MODELS / "cifar10_resnet20.onnx"
+"""The pretrained CIFAR-10 ResNet-20 that ships with the project (models/cifar10_resnet20.LICENSE)."""
 
 
 class GraphBuilder:
@@ -104,6 +106,4 @@ def run_model(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def resnet20() -> Path:
-    if not RESNET20.exists():
-        pytest.skip(f"{RESNET20} is absent: the shared models folder is not next to the project")
     return RESNET20

@@ -7,7 +7,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from conftest import GraphBuilder, chain_model, residual_model, run_model
-from dfmpc_onnx.distill import TorchGraph, distill_inputs, fold_constant_subgraphs
+from dfmpc_onnx.distill import distill_inputs
+from dfmpc_onnx.torch_graph import TorchGraph, fold_constant_subgraphs
 from dfmpc_onnx.errors import InputError
 from dfmpc_onnx.load import load_whole_model
 
@@ -85,7 +86,7 @@ def test_distill_dynamic_spatial_dims_take_the_given_shape(torch):
     model = chain_model()
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "H", "W"
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="--input-shape"):
         distill_inputs(load_whole_model(model), samples=2, seed=0, steps=1)
     x = distill_inputs(load_whole_model(model), samples=2, seed=0, steps=2, input_shape=(3, 12, 10))
     assert x.shape == (2, 3, 12, 10)

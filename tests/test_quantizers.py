@@ -58,9 +58,9 @@ def test_dorefa_is_idempotent(w, bits, per_channel):
 
 @given(weights, st.booleans())
 @settings(max_examples=50)
-def test_ternary_is_idempotent_per_channel(w, per_channel):
-    once = ternary_quantize(w, per_channel=True).dequantize()
-    twice = ternary_quantize(once, per_channel=True).dequantize()
+def test_ternary_is_idempotent(w, per_channel):
+    once = ternary_quantize(w, per_channel).dequantize()
+    twice = ternary_quantize(once, per_channel).dequantize()
     np.testing.assert_allclose(twice, once, rtol=1e-5, atol=1e-7)
 
 

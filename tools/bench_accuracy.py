@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 import dfmpc_onnx
@@ -51,10 +52,14 @@ def top1(model_path: Path, images: np.ndarray, labels: np.ndarray, batch: int = 
     return 100.0 * correct / len(images)
 
 
+PAPER = dict(refine="none", granularity="tensor")
+"""The paper's setting: its closed form alone, per-tensor quantizer scales."""
+
 METHODS = {
-    "original": ("Original (rounding)", dict(compensate=False, refine="none")),
-    "paper": ("DF-MPC (paper)", dict(refine="none")),
-    "paper-float": ("DF-MPC (paper), float format", dict(refine="none", format="float")),
+    "original": ("Original (rounding, paper's per-tensor scales)", dict(compensate=False, **PAPER)),
+    "paper": ("DF-MPC (paper)", PAPER),
+    "paper-float": ("DF-MPC (paper), float format", dict(PAPER, format="float")),
+    "closed-form": ("DF-MPC closed form, per-channel k-bit scales", dict(refine="none")),
     "bias": ("DF-MPC + BN bias correction", dict(refine="bias")),
     "stats-noise": ("DF-MPC + stats, white noise", dict(refine="stats", synthetic="noise")),
     "stats-pink": ("DF-MPC + stats, pink noise (default without PyTorch)", dict(refine="stats", synthetic="pink")),
@@ -70,12 +75,20 @@ TERNARY_ONLY = ("optimal-pink", "twn-refit-distill")
 
 def distilled_inputs(source: Path, samples: int = 64, seed: int = 0) -> tuple[np.ndarray, float]:
     """The tool's default distillation, run once per model and reused for every scheme; and its seconds."""
-    from dfmpc_onnx.api import make_synthetic_inputs
+    from dfmpc_onnx.inputs import synthesis_shape
     from dfmpc_onnx.load import load_model
+    from dfmpc_onnx.synthetic import synthesize
     start = time.perf_counter()
-    model = load_model(source)
-    inputs = make_synthetic_inputs(model, [], "distill", samples, seed)
+    skeleton, weights = load_model(source)
+    inputs = synthesize(skeleton, weights, synthesis_shape(skeleton, {}), "distill", samples, seed)
     return inputs, time.perf_counter() - start
+
+
+def default_synthetic(source: Path) -> str:
+    """What ``--synthetic auto`` becomes for the model at ``source`` in this installation."""
+    from dfmpc_onnx.inputs import model_facts
+    from dfmpc_onnx.options import Options, resolve
+    return resolve(Options(), model_facts(onnx.load(str(source), load_external_data=False), {})).synthetic
 
 
 def run(models: list[str], schemes: list[str], methods: list[str], datasets: list[str], workdir: Path,
@@ -102,8 +115,8 @@ def run(models: list[str], schemes: list[str], methods: list[str], datasets: lis
                     extra, seconds = {"synthetic_inputs": distilled}, distill_seconds
                 out = workdir / f"{model}-{len(results)}.onnx"
                 start = time.perf_counter()
-                report = dfmpc_onnx.quantize_file(source, out, scheme=scheme, check=False, granularity=granularity,
-                                                  **options, **extra)
+                report = dfmpc_onnx.quantize_file(source, out, scheme=scheme, check=False,
+                                                  **{"granularity": granularity, **options, **extra})
                 seconds += time.perf_counter() - start
                 row = dict(model=model, scheme=scheme, method=label, bytes=out.stat().st_size,
                            seconds=round(seconds, 2), low_layers=report.count("low"),
@@ -137,7 +150,8 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=["exact846", "jpeg10k"])
     parser.add_argument("--granularity", choices=("auto", "tensor", "channel"), default="auto",
-                        help="quantizer scales for every quantized row (default auto, the tool's default)")
+                        help="quantizer scales of the rows not named after the paper (default auto, the tool's "
+                             "default); the paper's rows always use its per-tensor scales")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table and JSON")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its results markers")

@@ -35,15 +35,15 @@ from pathlib import Path
 import onnx
 
 import dfmpc_onnx
-from bench_accuracy import DATASETS, ROOT, SHARED, distilled_inputs, load_cifar, publish, top1
+from bench_accuracy import (DATASETS, PAPER, ROOT, SHARED, default_synthetic, distilled_inputs, load_cifar, publish,
+                            top1)
 from bench_speed import ort_quantize_static, random_batches
-from dfmpc_onnx.api import resolve_synthetic
 from dfmpc_onnx.report import stored_bits_per_weight
 
 ROUNDING = (8, 6, 4, 3)
 TOOL = [
-    ("DF-MPC (paper) 2/6", dict(scheme="2/6", refine="none")),
-    ("DF-MPC (paper) 3/6", dict(scheme="3/6", refine="none")),
+    ("DF-MPC (paper) 2/6", dict(scheme="2/6", **PAPER)),
+    ("DF-MPC (paper) 3/6", dict(scheme="3/6", **PAPER)),
     ("dfmpc default 2/6", dict(scheme="2/6")),
     ("dfmpc default 2/4", dict(scheme="2/4")),
     ("dfmpc default 3/6", dict(scheme="3/6")),
@@ -88,7 +88,7 @@ def run(models: list[str], datasets: list[str], workdir: Path) -> list[dict]:
             ort_quantize_static(source, out, weight_type, batches)
             results.append(row(model, "onnxruntime", method, out, data, time.perf_counter() - start))
         synthetic, distill_seconds = {}, 0.0
-        if resolve_synthetic("auto", onnx.load(str(source))) == "distill":
+        if default_synthetic(source) == "distill":
             inputs, distill_seconds = distilled_inputs(source)
             synthetic = {"synthetic_inputs": inputs, "synthetic": "distill"}
         for method, options in TOOL:

@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 
 import dfmpc_onnx
-from bench_accuracy import ROOT, SHARED, publish, top1
+from bench_accuracy import PAPER, ROOT, SHARED, publish, top1
 
 MODEL = SHARED / "models" / "imagenet_efficientnet_lite0.onnx"
 DATA = SHARED / "data" / "imagenet_sample224_jpeg.npz"
 RELU6 = ("refuse", "pair", "relu")
 VARIANTS = {  # further rows, on request (--variants)
-    "tensor": ("per-tensor scales, --refine none", dict(granularity="tensor", refine="none")),
     "mse-none": ("--kbit-range mse, --refine none", dict(kbit_range="mse", refine="none")),
     "mse": ("--kbit-range mse, default refinement", dict(kbit_range="mse")),
     "refit-pink": ("--refine refit --synthetic pink", dict(refine="refit", synthetic="pink")),
@@ -49,8 +48,9 @@ def load_sample() -> tuple[np.ndarray, np.ndarray]:
 
 
 def methods(relu6_choices: list[str], variants: list[str]) -> list[tuple[str, dict]]:
-    rows = [("Original (rounding)", dict(compensate=False, refine="none")),
-            ("DF-MPC (paper), --relu6 refuse", dict(refine="none"))]
+    rows = [("Original (rounding, paper's per-tensor scales)", dict(compensate=False, **PAPER)),
+            ("DF-MPC (paper), --relu6 refuse", PAPER),
+            ("DF-MPC closed form, per-channel k-bit scales", dict(refine="none"))]
     rows += [(f"default, --relu6 {choice}", dict(relu6=choice)) for choice in relu6_choices]
     return rows + [VARIANTS[key] for key in variants]
 
