@@ -88,3 +88,43 @@ def test_resnet20_on_real_images_when_present(resnet20, tmp_path):
     accuracy = np.mean(run_model(model, x).argmax(1) == y)
     float_accuracy = np.mean(run_model(onnx.load(resnet20), x).argmax(1) == y)
     assert accuracy >= float_accuracy - 0.05
+
+
+def test_resnet20_bias_correction_end_to_end(resnet20, tmp_path):
+    plain, _ = quantize_cli(resnet20, tmp_path / "none.onnx", "--scheme", "4/8", "--refine", "none")
+    corrected, stdout = quantize_cli(resnet20, tmp_path / "bias.onnx", "--scheme", "4/8", "--refine", "bias")
+    assert "refinement bias)" in stdout
+    biases = lambda m: {n.name: numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == n.input[2]))
+                        for n in m.graph.node if n.op_type == "Conv"}
+    before, after = biases(plain), biases(corrected)
+    changed = [name for name in before if not np.allclose(before[name], after[name])]
+    assert len(changed) >= 9  # every conv after a folded BatchNorm + Relu
+    x = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    reference = run_model(onnx.load(resnet20), x)
+    assert np.corrcoef(run_model(corrected, x).ravel(), reference.ravel())[0, 1] > 0.95
+
+
+def test_resnet20_mse_range_clips_the_k_bit_layers(resnet20, tmp_path):
+    def scales(model):
+        values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.name.split(".DequantizeLinear")[0]: values[n.input[1]] for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and n.name.endswith(".DequantizeLinear")}
+    plain, _ = quantize_cli(resnet20, tmp_path / "max.onnx", "--scheme", "4/8", "--refine", "none")
+    clipped, stdout = quantize_cli(resnet20, tmp_path / "mse.onnx", "--scheme", "4/8", "--refine", "none",
+                                   "--kbit-range", "mse")
+    assert "k-bit range mse" in stdout
+    before, after = scales(plain), scales(clipped)
+    assert before.keys() == after.keys() and len(before) == 20
+    assert all(np.all(after[name] <= before[name] * (1 + 1e-6)) for name in before)
+    assert sum(np.any(after[name] < 0.99 * before[name]) for name in before) >= 10
+
+
+def test_resnet20_lambda2_shrinks_c(resnet20, tmp_path):
+    def medians(report_path):
+        import json
+        layers = json.loads(report_path.read_text())["layers"]
+        return np.array([layer["c_median"] for layer in layers if layer["role"] == "low"])
+    quantize_cli(resnet20, tmp_path / "a.onnx", "--refine", "none", "--report", tmp_path / "a.json")
+    quantize_cli(resnet20, tmp_path / "b.onnx", "--refine", "none", "--lambda2", "0.05", "--report", tmp_path / "b.json")
+    plain, shrunk = medians(tmp_path / "a.json"), medians(tmp_path / "b.json")
+    assert len(plain) == 9 and np.all(shrunk < plain)
