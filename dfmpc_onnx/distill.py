@@ -1,4 +1,4 @@
-"""BatchNorm-statistics distillation of synthetic inputs (ZeroQ-style; needs PyTorch).
+"""BatchNorm-statistics distillation of synthetic inputs (ZeroQ-style), run by onnxruntime.
 
 Starting from pink noise, the inputs are optimised with Adam so that every
 BatchNormalization of the float model sees, over the batch, the running
@@ -7,8 +7,9 @@ mean and variance it stores:
     loss = sum over BN layers l of  ||mu_l(x) - mu_l||^2 + ||sigma_l(x) - sigma_l||^2
 
 with mu_l(x), sigma_l(x) the per-channel mean and standard deviation of the
-BN's input on the synthetic batch x. This uses nothing but the model; the graph
-runs in PyTorch through ``torch_graph.TorchGraph``.
+BN's input on the synthetic batch x. This uses nothing but the model. The loss
+and its gradient with respect to x come from one ONNX graph
+(``gradients.gradient_model``); the Adam step is numpy.
 """
 
 from __future__ import annotations
@@ -17,46 +18,71 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from .errors import InputError
+from .gradient_rules import RULES
+from .gradients import Builder, gradient_model, prepare_forward
 from .maths.noise import pink_noise
+from .maths.optimise import Adam
 from .progress import Console
-from .torch_graph import TorchGraph, fold_constant_subgraphs
+from .runtime import graph_session, own_graph
+
+STEPS = 300
+LEARNING_RATE = 0.1
 
 
-def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int = 300, learning_rate: float = 0.1,
-                   input_shape: Sequence[int] | None = None, console: Console | None = None) -> np.ndarray:
+def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int = STEPS,
+                   learning_rate: float = LEARNING_RATE, input_shape: Sequence[int] | None = None,
+                   console: Console | None = None, providers: list[str] | None = None) -> np.ndarray:
     """``samples`` inputs distilled from ``model``'s BatchNormalization statistics (float, unfolded model).
 
     ``input_shape`` (the dims after the batch dim) replaces the input's own where they are dynamic.
     """
-    try:
-        import torch
-    except ImportError:
-        raise InputError("--synthetic distill needs PyTorch: pip install 'dfmpc-onnx[distill]'") from None
-    shaped = with_input_shape(model, samples, input_shape)
-    if any(not d.HasField("dim_value") for d in shaped.graph.input[0].type.tensor_type.shape.dim[1:]):
-        raise InputError("--synthetic distill needs the input's dims after the batch dim (give --input-shape)")
-    graph = fold_constant_subgraphs(gs.import_onnx(shaped))
-    if not [n for n in graph.nodes if n.op == "BatchNormalization"]:
+    forward = prepare_forward(with_input_shape(model, samples, input_shape))
+    if not [n for n in forward.graph.node if n.op_type == "BatchNormalization"]:
         raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
                          "this model has none (use --synthetic pink)")
-    if len(graph.inputs) != 1:
-        raise InputError("--synthetic distill needs a model with one input")
-    shape = [samples] + [int(d) for d in graph.inputs[0].shape[1:]]
-    start = pink_noise(tuple(shape), np.random.default_rng(seed))
-    x = torch.tensor(start, requires_grad=True)
-    optimiser = torch.optim.Adam([x], lr=learning_rate)
-    interpreter = TorchGraph(graph, torch)
+    session = graph_session(gradient_model(forward, batchnorm_loss, [], RULES), forward, "distillation", providers)
+    name = forward.graph.input[0].name
+    x = pink_noise(tuple(d.dim_value for d in forward.graph.input[0].type.tensor_type.shape.dim),
+                   np.random.default_rng(seed))
+    adam = Adam(learning_rate)
     progress = (console or Console()).progress("distill", steps, "steps")
     for _ in range(steps):
-        optimiser.zero_grad()
-        loss = interpreter.batchnorm_loss(x)
-        loss.backward()
-        optimiser.step()
-        progress.advance(f"BatchNorm statistics loss {loss.item():.4f}")
-    return x.detach().numpy().astype(np.float32)
+        with own_graph("distillation"):
+            loss, gradient = session.run(["loss", "gradient"], {name: x})
+        x = adam.step(x, gradient)
+        progress.advance(f"BatchNorm statistics loss {float(loss):.4f}")
+    return x
+
+
+def batchnorm_loss(b: Builder, graph: onnx.GraphProto) -> tuple[str, dict[str, str]]:
+    """The BatchNorm-statistics loss and its gradient at each BatchNormalization's input X (N, C, ...),
+    with n = N x spatial size, mu = sum X / n, d = X - mu, sigma = sqrt(sum d^2 / n + eps):
+
+        dL/dX = 2 (mu - m) / n + 2 (sigma - s) d / (n sigma),  s = sqrt(running var + eps)."""
+    terms, seeds = [], {}
+    for node in graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        x = node.input[0]
+        shape = b.shapes[x]
+        axes = [0] + list(range(2, len(shape)))
+        n = float(np.prod(shape)) / shape[1]
+        keep = [1, -1] + [1] * (len(shape) - 2)
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        running_mean, running_var = (b.constants[name].astype(np.float64) for name in node.input[3:5])
+        mu = b.op("Mul", [b.reduce_sum(x, axes), b.const(1.0 / n)])
+        d = b.op("Sub", [x, mu])
+        var = b.op("Mul", [b.reduce_sum(b.op("Mul", [d, d]), axes), b.const(1.0 / n)])
+        sigma = b.op("Sqrt", [b.op("Add", [var, b.const(epsilon)])])
+        dm = b.op("Sub", [mu, b.const(running_mean.reshape(keep))])
+        ds = b.op("Sub", [sigma, b.const(np.sqrt(running_var + epsilon).reshape(keep))])
+        terms.append(b.op("ReduceSum", [b.op("Add", [b.op("Mul", [dm, dm]), b.op("Mul", [ds, ds])])], keepdims=0))
+        spread = b.op("Mul", [b.op("Div", [ds, sigma]), d])
+        gradient = b.op("Mul", [b.op("Add", [dm, spread]), b.const(2.0 / n)])
+        seeds[x] = gradient if x not in seeds else b.op("Add", [seeds[x], gradient])
+    return b.op("Sum", terms), seeds
 
 
 def with_input_shape(model: onnx.ModelProto, batch: int, dims: Sequence[int] | None = None) -> onnx.ModelProto:
@@ -70,4 +96,6 @@ def with_input_shape(model: onnx.ModelProto, batch: int, dims: Sequence[int] | N
         if value > 0:
             dim.Clear()
             dim.dim_value = int(value)
+    if any(not d.HasField("dim_value") for d in shape[1:]):
+        raise InputError("--synthetic distill needs the input's dims after the batch dim (give --input-shape)")
     return onnx.shape_inference.infer_shapes(copy, data_prop=True)

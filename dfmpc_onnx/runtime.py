@@ -131,14 +131,17 @@ def session_source(model: onnx.ModelProto, folder: str) -> str | bytes:
     return path
 
 
-def graph_session(graph: gs.Graph | onnx.ModelProto, like: onnx.ModelProto, purpose: str) -> ort.InferenceSession:
-    """A CPU session on a graph the tool built from ``like`` (a gs graph is cleaned up and exported first),
-    at ``like``'s opsets. An error is a bug in this tool (``own_graph``)."""
+def graph_session(graph: gs.Graph | onnx.ModelProto, like: onnx.ModelProto, purpose: str,
+                  providers: list[str] | None = None) -> ort.InferenceSession:
+    """A session (CPU unless ``providers`` says otherwise) on a graph the tool built from ``like`` (a gs
+    graph is cleaned up and exported first), at ``like``'s opsets. An error is a bug in this tool
+    (``own_graph``)."""
     if isinstance(graph, gs.Graph):
         graph = gs.export_onnx(graph.cleanup(), do_type_check=False)
     model = with_header_of(graph, like)
     with own_graph(purpose):
-        return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), session_options(),
+                                    providers=providers or ["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager

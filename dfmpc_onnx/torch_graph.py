@@ -1,8 +1,4 @@
-"""A small PyTorch interpreter of exported CNN graphs, differentiable in the input (for ``distill.py``).
-
-Subgraphs that depend only on constants (the shape arithmetic exporters emit around Pad, say) are first
-evaluated once in onnxruntime (``fold_constant_subgraphs``).
-"""
+"""A small PyTorch interpreter of exported CNN graphs, differentiable in the input (for ``distill.py``)."""
 
 from __future__ import annotations
 
@@ -10,42 +6,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import InputError
-from .runtime import graph_session, own_graph
-
-
-def fold_constant_subgraphs(graph: gs.Graph) -> gs.Graph:
-    """Replace every tensor computed from constants alone, or from static shapes, by its value
-    (evaluated in onnxruntime)."""
-    graph.toposort()
-    for node in graph.nodes:
-        if node.op == "Shape" and _static(node.inputs[0].shape):
-            shape = node.inputs[0].shape
-            start, end = node.attrs.get("start", 0), node.attrs.get("end", len(shape))
-            node.outputs[0].to_constant(np.array(shape[start:end], dtype=np.int64))
-            node.outputs.clear()
-    graph.cleanup().toposort()
-    constant_names: set[str] = set()
-    foldable: list[gs.Node] = []
-    for node in graph.nodes:
-        if node.op == "Constant" or all(isinstance(t, gs.Constant) or t.name in constant_names or not t.name
-                                        for t in node.inputs):
-            foldable.append(node)
-            constant_names.update(t.name for t in node.outputs)
-    wanted = [t for node in foldable for t in node.outputs
-              if any(consumer not in foldable for consumer in t.outputs) or t in graph.outputs]
-    if not wanted:
-        return graph
-    sub = gs.Graph(nodes=foldable, inputs=[], outputs=wanted, opset=graph.opset)
-    model = gs.export_onnx(sub.copy(), do_type_check=False)
-    session = graph_session(model, model, "constant folding")
-    with own_graph("constant folding"):
-        values = session.run([t.name for t in wanted], {})
-    for tensor, value in zip(wanted, values):
-        tensor.to_constant(np.asarray(value))
-    for node in foldable:
-        node.outputs.clear()
-    graph.cleanup().toposort()
-    return graph
 
 
 class TorchGraph:
