@@ -41,12 +41,12 @@ def add_option(parser: argparse.ArgumentParser, item: dataclasses.Field) -> None
     """The flag of one option field, as its metadata says (``options.option``); an absent flag leaves the
     field's default to ``Options``."""
     meta, cli = item.metadata, item.metadata["cli"]
-    shown = item.default
+    shown = meta["shown"] or item.default
     if isinstance(shown, bool):
         shown = "on" if shown else "off"
     elif isinstance(shown, tuple):
         shown = ",".join(shown)
-    default = f" (default {shown})" if cli in ("value", "toggle", "csv") and item.default not in (None, ()) else ""
+    default = f" (default {shown})" if cli in ("value", "toggle", "csv") and shown not in (None, ()) else ""
     settings = dict(dest=item.name, default=argparse.SUPPRESS, help=meta["help"] + default)
     if cli in ACTIONS:
         settings["action"] = ACTIONS[cli]

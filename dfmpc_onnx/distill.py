@@ -14,6 +14,7 @@ and its gradient with respect to x come from one ONNX graph
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -23,37 +24,100 @@ from .errors import InputError
 from .gradient_rules import RULES
 from .gradients import Builder, gradient_model, prepare_forward
 from .maths.noise import pink_noise
-from .maths.optimise import Adam
+from .maths.optimise import Adam, cosine_rate
+from .maths.priors import low_pass, squared_norm, total_variation
 from .progress import Console
 from .runtime import graph_session, own_graph
 
-STEPS = 300
+STEPS = 120
 LEARNING_RATE = 0.1
+SCHEDULE = "constant"
+
+
+@dataclass(frozen=True)
+class Priors:
+    """Image priors beside the model's loss: ``tv`` and ``l2`` weigh the total variation and the squared
+    norm (DeepInversion), ``cutoff`` low-pass filters the inputs after every step (SynQ); 0 is off."""
+
+    tv: float = 0.0
+    l2: float = 0.0
+    cutoff: float = 0.0
+
+    def add(self, x: np.ndarray, loss: float, gradient: np.ndarray) -> tuple[float, np.ndarray]:
+        for weight, prior in ((self.tv, total_variation), (self.l2, squared_norm)):
+            if weight:
+                value, g = prior(x)
+                loss, gradient = loss + weight * value, gradient + weight * g
+        return loss, gradient
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return low_pass(x, self.cutoff) if self.cutoff else x
 
 
 def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int = STEPS,
                    learning_rate: float = LEARNING_RATE, input_shape: Sequence[int] | None = None,
-                   console: Console | None = None, providers: list[str] | None = None) -> np.ndarray:
-    """``samples`` inputs distilled from ``model``'s BatchNormalization statistics (float, unfolded model).
+                   console: Console | None = None, providers: list[str] | None = None,
+                   schedule: str = SCHEDULE, objective: str = "batchnorm", priors: Priors = Priors()) -> np.ndarray:
+    """``samples`` inputs distilled from ``model`` (float, BatchNorm not folded), from pink noise.
 
-    ``input_shape`` (the dims after the batch dim) replaces the input's own where they are dynamic.
+    ``objective`` "batchnorm" matches every BatchNormalization's running statistics (``batchnorm_loss``);
+    "logits" drives each sample to a random target class (cross-entropy on the model's one output,
+    ``logits_loss``), with the image ``priors``. ``input_shape`` (the dims after the batch dim) replaces
+    the input's own where they are dynamic; ``schedule`` "constant" keeps the learning rate, "cosine"
+    decays it to 0 (``maths.cosine_rate``).
     """
     forward = prepare_forward(with_input_shape(model, samples, input_shape))
-    if not [n for n in forward.graph.node if n.op_type == "BatchNormalization"]:
-        raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
-                         "this model has none (use --synthetic pink)")
-    session = graph_session(gradient_model(forward, batchnorm_loss, [], RULES), forward, "distillation", providers)
-    name = forward.graph.input[0].name
     x = pink_noise(tuple(d.dim_value for d in forward.graph.input[0].type.tensor_type.shape.dim),
                    np.random.default_rng(seed))
+    feed = {}
+    if objective == "batchnorm":
+        if not [n for n in forward.graph.node if n.op_type == "BatchNormalization"]:
+            raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
+                             "this model has none (use --synthetic pink)")
+        loss, extra = batchnorm_loss, []
+    else:
+        classes = logits_shape(forward)[1]
+        feed["targets"] = np.eye(classes, dtype=np.float32)[class_targets(samples, classes, seed)]
+        loss, extra = logits_loss, [onnx.helper.make_tensor_value_info("targets", onnx.TensorProto.FLOAT,
+                                                                       [samples, classes])]
+    session = graph_session(gradient_model(forward, loss, extra, RULES), forward, "distillation", providers)
+    name = forward.graph.input[0].name
     adam = Adam(learning_rate)
     progress = (console or Console()).progress("distill", steps, "steps")
-    for _ in range(steps):
+    for step in range(steps):
         with own_graph("distillation"):
-            loss, gradient = session.run(["loss", "gradient"], {name: x})
-        x = adam.step(x, gradient)
-        progress.advance(f"BatchNorm statistics loss {float(loss):.4f}")
+            value, gradient = session.run(["loss", "gradient"], {name: x, **feed})
+        value, gradient = priors.add(x, float(value), gradient)
+        x = adam.step(x, gradient, cosine_rate(learning_rate, step, steps) if schedule == "cosine" else None)
+        x = priors.project(x)
+        progress.advance(f"loss {value:.4f}")
     return x
+
+
+def class_targets(samples: int, classes: int, seed: int) -> np.ndarray:
+    """The target class of each sample: every class in turn, as evenly as the count allows, shuffled."""
+    return np.random.default_rng([seed, classes]).permutation(np.arange(samples) % classes)
+
+
+def logits_shape(forward: onnx.ModelProto) -> tuple[int, int]:
+    """(batch, classes) of a classifier's one output; InputError for any other model."""
+    outputs = forward.graph.output
+    dims = [d.dim_value for d in outputs[0].type.tensor_type.shape.dim] if len(outputs) == 1 else []
+    if len(dims) != 2 or dims[1] < 2:
+        raise InputError("distillation without BatchNorm statistics needs a classifier: one output of shape "
+                         "(batch, classes)")
+    return dims[0], dims[1]
+
+
+def logits_loss(b: Builder, graph: onnx.GraphProto) -> tuple[str, dict[str, str]]:
+    """Cross-entropy of the logits z against the one-hot ``targets`` t, averaged over the batch of N:
+    L = -sum t log softmax(z) / N, dL/dz = (softmax(z) - t) / N."""
+    logits = graph.output[0].name
+    n = b.shapes[logits][0]
+    loss = b.op("Mul", [b.op("ReduceSum", [b.op("Mul", ["targets", b.op("LogSoftmax", [logits], axis=1)])],
+                             keepdims=0), b.const(-1.0 / n)])
+    gradient = b.op("Mul", [b.op("Sub", [b.op("Softmax", [logits], axis=1), "targets"]), b.const(1.0 / n)])
+    return loss, {logits: gradient}
 
 
 def batchnorm_loss(b: Builder, graph: onnx.GraphProto) -> tuple[str, dict[str, str]]:

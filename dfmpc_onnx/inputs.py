@@ -3,8 +3,6 @@ synthetic inputs, and the facts the resolution of ``auto`` options needs."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import onnx
 
 from .errors import InputError
@@ -69,9 +67,8 @@ def synthesis_shape(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) 
 
 
 def model_facts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> ModelFacts:
-    """What the resolution of ``auto`` options needs to know of ``model`` and of this installation."""
+    """What the resolution of ``auto`` options needs to know of ``model``."""
     shape = synthesis_shape(model, shapes)
     return ModelFacts(has_batchnorm=any(node.op_type == "BatchNormalization" for node in model.graph.node),
-                      torch_installed=importlib.util.find_spec("torch") is not None,
                       obstacle=shape if isinstance(shape, str) else None)
 

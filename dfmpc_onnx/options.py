@@ -43,13 +43,14 @@ class Scheme:
 
 
 def option(default, help: str, *, choices: tuple | None = None, flag: str | tuple[str, ...] | None = None,
-           metavar: str | None = None, cli: str = "value", parse=None):
+           metavar: str | None = None, cli: str = "value", parse=None, shown: str | None = None):
     """A field of ``Options``: its default and what the command line shows. ``cli`` says how the flag
     reads: "value" (one value; ``parse`` turns the text into it), "negate" (--no-X sets False),
     "toggle" (--X / --no-X), "switch" (--X sets True), "many" (one or more values), "csv" (a
-    comma-separated list), "repeat" (the flag may be given several times)."""
+    comma-separated list), "repeat" (the flag may be given several times). ``shown`` is the default as
+    help and the README state it, where the field's own (None) means "decided later"."""
     return field(default=default, metadata=dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli,
-                                                parse=parse))
+                                                parse=parse, shown=shown))
 
 
 def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...]]:
@@ -67,8 +68,8 @@ class Options:
     resolved per model by ``resolve``."""
 
     scheme: Scheme | None = option(
-        None, f"LOW/HIGH bit widths of pair producers / consumers and unpaired layers (default {DEFAULT_SCHEME}); "
-              "B is uniform B bits. LOW=2 is ternary (Eqs. 3-4), other widths DoReFa (Eq. 6)", metavar="LOW/HIGH")
+        None, "LOW/HIGH bit widths of pair producers / consumers and unpaired layers; B is uniform B bits. LOW=2 "
+              "is ternary (Eqs. 3-4), other widths DoReFa (Eq. 6)", metavar="LOW/HIGH", shown=DEFAULT_SCHEME)
     target_bits: float | None = option(
         None, "instead of --scheme, choose 2/4/6/8 bits per pair and per unpaired layer for an average of at most "
               "B stored integer bits per quantized weight, by output agreement with the float model on the "
@@ -97,8 +98,8 @@ class Options:
                                  "distilled inputs, stats on noise, none with --placement consumer",
                          choices=("auto", "none", "bias", "stats", "refit"))
     synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise, white noise, or pink noise optimised so "
-                                    "that the model's BatchNorm layers see their running statistics (needs "
-                                    "PyTorch). auto: distill when PyTorch is installed and the model has BatchNorm "
+                                    "that the model's BatchNorm layers see their running statistics (run by "
+                                    "onnxruntime, on --providers). auto: distill when the model has BatchNorm "
                                     "statistics, else pink", choices=("auto", "pink", "noise", "distill"))
     samples: int = option(64, "number of synthetic inputs")
     seed: int = option(0, "seed of the synthetic inputs (0 or more)")
@@ -112,8 +113,8 @@ class Options:
                                       cli="many")
     check: bool = option(True, "skip the onnxruntime comparison of the float and quantized model",
                          flag="--no-check", cli="negate")
-    providers: tuple[str, ...] = option(("cpu",), "comma-separated onnxruntime providers for the check: cpu, cuda",
-                                        cli="csv")
+    providers: tuple[str, ...] = option(("cpu",), "comma-separated onnxruntime providers for the check and the "
+                                                  "distillation: cpu, cuda", cli="csv")
     check_batch: int = option(1, "batch size for dynamic batch dims in the check")
     input_shapes: tuple[tuple[str | None, tuple[int, ...]], ...] = option(
         (), "shape for an input with dynamic dims, used by the check and the synthetic inputs (the output keeps "
@@ -218,7 +219,6 @@ class ModelFacts:
     """What the resolution of ``auto`` values needs to know about the model and the installation."""
 
     has_batchnorm: bool
-    torch_installed: bool
     obstacle: str | None
     """Why the model cannot take synthetic inputs (several inputs, dynamic dims), or None."""
 
@@ -255,7 +255,7 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     decisions = []
     synthetic = options.synthetic
     if synthetic == "auto":
-        synthetic = "distill" if facts.has_batchnorm and facts.torch_installed else "pink"
+        synthetic = "distill" if facts.has_batchnorm else "pink"
     refine = options.refine
     if refine == "auto":
         # least squares on noise hurts (README, "Results"), and refinement needs producer placement

@@ -14,6 +14,7 @@ from .load import with_weights
 from .maths.noise import noise_batch
 from .options import Plan
 from .progress import Console
+from .runtime import resolve_providers
 
 
 def make_synthetic_inputs(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray],
@@ -29,8 +30,10 @@ def make_synthetic_inputs(skeleton: onnx.ModelProto, weights: dict[str, np.ndarr
             raise InputError(f"synthetic_inputs of shape {np.shape(given)} do not fit input {shape}")
         return np.asarray(given, dtype=np.float32), plan
     options = plan.options
+    providers = resolve_providers(options.providers)
     try:
-        return synthesize(skeleton, weights, shape, plan.synthetic, options.samples, options.seed, console), plan
+        return synthesize(skeleton, weights, shape, plan.synthetic, options.samples, options.seed, console,
+                          providers), plan
     except InputError as err:
         if options.synthetic != "auto":
             raise
@@ -39,9 +42,10 @@ def make_synthetic_inputs(skeleton: onnx.ModelProto, weights: dict[str, np.ndarr
 
 
 def synthesize(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], shape: list, kind: str, samples: int,
-               seed: int, console: Console | None = None) -> np.ndarray:
+               seed: int, console: Console | None = None, providers: list[str] | None = None) -> np.ndarray:
     """``samples`` seeded inputs of ``shape`` (static after the batch dim): "noise", "pink" or "distill"
     (distillation runs the whole float model, so it takes the weights back into the skeleton)."""
     if kind == "distill":
-        return distill_inputs(with_weights(skeleton, weights), samples, seed, input_shape=shape[1:], console=console)
+        return distill_inputs(with_weights(skeleton, weights), samples, seed, input_shape=shape[1:], console=console,
+                              providers=providers)
     return noise_batch(shape, kind, samples, seed)

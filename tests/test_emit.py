@@ -97,31 +97,25 @@ def test_no_compensation_leaves_weights_on_the_plain_ternary_grid():
     assert all(layer.c_min is None for layer in report.layers)
 
 
-@pytest.mark.parametrize("synthetic,refine,has_batchnorm,torch,expected", [
-    ("auto", "auto", True, False, ("pink", "stats", "twn")),
-    ("auto", "auto", True, True, ("distill", "refit", "optimal")),
-    ("auto", "auto", False, True, ("pink", "stats", "twn")),
-    ("noise", "auto", True, True, ("noise", "stats", "twn")),
-    ("auto", "none", True, True, (None, "none", "twn")),
-    ("auto", "bias", True, True, (None, "bias", "twn")),
+@pytest.mark.parametrize("synthetic,refine,has_batchnorm,expected", [
+    ("auto", "auto", True, ("distill", "refit", "optimal")),
+    ("auto", "auto", False, ("pink", "stats", "twn")),
+    ("noise", "auto", True, ("noise", "stats", "twn")),
+    ("auto", "none", True, (None, "none", "twn")),
+    ("auto", "bias", True, (None, "bias", "twn")),
 ])
-def test_auto_options_resolve_by_the_model_and_what_is_installed(synthetic, refine, has_batchnorm, torch, expected):
+def test_auto_options_resolve_by_the_model(synthetic, refine, has_batchnorm, expected):
     from dfmpc_onnx.options import ModelFacts, Options, resolve
-    plan = resolve(Options(synthetic=synthetic, refine=refine), ModelFacts(has_batchnorm, torch, None))
+    plan = resolve(Options(synthetic=synthetic, refine=refine), ModelFacts(has_batchnorm, None))
     assert (plan.synthetic, plan.refine, plan.ternary_threshold) == expected
 
 
-def test_model_facts_see_batchnorm_and_pytorch(monkeypatch):
-    import importlib.util
+def test_model_facts_see_batchnorm():
     from dfmpc_onnx.inputs import model_facts
     from dfmpc_onnx.load import load_whole_model
     with_bn, without_bn = load_whole_model(chain_model()), load_whole_model(chain_model())
     del without_bn.graph.node[:]
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
-    assert not model_facts(with_bn, {}).torch_installed and model_facts(with_bn, {}).has_batchnorm
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "torch" else real(name))
-    assert model_facts(with_bn, {}).torch_installed and not model_facts(without_bn, {}).has_batchnorm
+    assert model_facts(with_bn, {}).has_batchnorm and not model_facts(without_bn, {}).has_batchnorm
 
 
 def test_same_input_same_bytes():

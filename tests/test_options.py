@@ -65,7 +65,7 @@ def test_consumer_placement_needs_no_refine_flag(model_path, tmp_path):
 
 
 def test_a_failed_distillation_resolves_every_auto_again():
-    plan = resolve(Options(), ModelFacts(has_batchnorm=True, torch_installed=True, obstacle=None))
+    plan = resolve(Options(), ModelFacts(has_batchnorm=True, obstacle=None))
     assert (plan.synthetic, plan.refine, plan.ternary_threshold) == ("distill", "refit", "optimal")
     fallback = plan.without_distillation("an op it does not support")
     assert (fallback.synthetic, fallback.refine, fallback.ternary_threshold) == ("pink", "stats", "twn")
@@ -75,11 +75,11 @@ def test_a_failed_distillation_resolves_every_auto_again():
 
 
 def test_a_model_that_cannot_take_synthetic_inputs_resolves_refit_away():
-    plan = resolve(Options(refine="refit"), ModelFacts(True, True, obstacle="two inputs"))
+    plan = resolve(Options(refine="refit"), ModelFacts(True, obstacle="two inputs"))
     assert (plan.synthetic, plan.refine, plan.ternary_threshold) == (None, "none", "twn")
     assert plan.decisions == ("refinement skipped: two inputs",)
     with pytest.raises(InputError, match="--target-bits needs synthetic inputs: two inputs"):
-        resolve(Options(target_bits=4), ModelFacts(True, True, obstacle="two inputs"))
+        resolve(Options(target_bits=4), ModelFacts(True, obstacle="two inputs"))
 
 
 def left_matmul_model() -> onnx.ModelProto:
@@ -137,3 +137,17 @@ def test_a_report_that_cannot_be_written_leaves_no_output(model_path, tmp_path, 
     with pytest.raises(InputError, match="No space left"):
         quantize_file(model_path, out, report=tmp_path / "r.json", synthetic="pink")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_readme_options_table_is_the_generated_one():
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("options_table", root / "tools" / "options_table.py")
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root / "tools"))
+    assert module.table() in (root / "README.md").read_text(), "run python tools/options_table.py --readme"

@@ -14,12 +14,20 @@ class Adam:
         self.m = self.v = None
         self.t = 0
 
-    def step(self, x: np.ndarray, gradient: np.ndarray) -> np.ndarray:
-        """``x`` moved one step against ``gradient`` (float32, as the model takes it)."""
+    def step(self, x: np.ndarray, gradient: np.ndarray, learning_rate: float | None = None) -> np.ndarray:
+        """``x`` moved one step against ``gradient`` (float32, as the model takes it), at ``learning_rate``
+        (default: the constructor's)."""
+        learning_rate = self.learning_rate if learning_rate is None else learning_rate
         if self.m is None:
             self.m, self.v = np.zeros_like(x), np.zeros_like(x)
         self.t += 1
         self.m = self.beta1 * self.m + (1 - self.beta1) * gradient
         self.v = self.beta2 * self.v + (1 - self.beta2) * gradient * gradient
         denominator = np.sqrt(self.v) / np.sqrt(1 - self.beta2**self.t) + self.eps
-        return (x - self.learning_rate / (1 - self.beta1**self.t) * self.m / denominator).astype(np.float32)
+        return (x - learning_rate / (1 - self.beta1**self.t) * self.m / denominator).astype(np.float32)
+
+
+def cosine_rate(learning_rate: float, step: int, steps: int) -> float:
+    """The learning rate at ``step`` (0-based) of ``steps``, decayed from ``learning_rate`` to 0 on a
+    half cosine."""
+    return 0.5 * learning_rate * (1 + np.cos(np.pi * step / steps))
