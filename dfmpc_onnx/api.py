@@ -32,7 +32,7 @@ from .runtime import resolve_providers
 from .save import (assemble_model, check_output_path, check_report_path, external_data_path, staged_model,
                    write_text_atomic)
 from .storage import upgrade_for_storage
-from .synthetic import make_synthetic_inputs
+from .synthetic import fidelity_inputs, make_synthetic_inputs, model_domain
 
 COLLECT_ABOVE_BYTES = 256 << 20
 """Weights from which each stage ends with a garbage collection: below it, the replaced weights that
@@ -59,8 +59,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch = Stopwatch(initializer_bytes(skeleton) >= COLLECT_ABOVE_BYTES)
     shapes = resolve_input_shapes(skeleton, options.input_shapes)
     plan = resolve(options, model_facts(skeleton, shapes))
-    inputs, plan = make_synthetic_inputs(skeleton, weights, shapes, plan, synthetic_inputs, console)
-    reference = run_reference(skeleton, weights, options.providers, options.check_batch, shapes=shapes) \
+    domain = model_domain(skeleton, weights, shapes, options)
+    inputs, plan = make_synthetic_inputs(skeleton, weights, shapes, plan, domain, synthetic_inputs, console)
+    fidelity = fidelity_inputs(skeleton, shapes, inputs, plan, domain) if options.check else None
+    reference = run_reference(skeleton, weights, options.providers, options.check_batch, shapes, fidelity) \
         if options.check or plan.needs_inputs else None
     working, upgrade_note = upgrade_for_storage(skeleton, plan)
     stopwatch.lap("load")
@@ -91,12 +93,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     table = layer_reports(graph, qlayers, left_float)
     del graph, qlayers, layers  # the float weights are no longer needed
     stopwatch.lap("emit")
-    check = check_model(reference, result) if options.check else None
+    check = check_model(reference, result, options.min_agreement) if options.check else None
     stopwatch.lap("check")
 
     notes = [note for note in (upgrade_note, relu6_note, allocation_note) if note]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table,
-                               replaced_clips, notes, check, stopwatch.timings)
+                               replaced_clips, notes, check, stopwatch.timings, domain)
 
 
 def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, options: Options | None = None,

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CheckError, InputError, first_line
+from .fidelity import Fidelity, measure_fidelity, run_batches
 from .runtime import model_session, resolve_providers, session_options, session_source
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -29,6 +30,8 @@ class CheckResult:
     providers: tuple[str, ...]
     batch: int
     outputs: tuple[OutputAgreement, ...]
+    fidelity: Fidelity | None = None
+    """The two models on the tool's synthetic inputs (None when the model cannot take them)."""
 
 
 def random_feed(session: ort.InferenceSession, batch: int, seed: int,
@@ -70,12 +73,16 @@ class ReferenceRun:
     outputs: tuple[tuple[str, np.ndarray], ...]
     providers: tuple[str, ...]
     batch: int
+    synthetic: tuple[np.ndarray, str, list[np.ndarray]] | None = None
+    """(synthetic inputs, what they are, the float model's outputs on them)."""
 
 
 def run_reference(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
-                  providers: list[str] | tuple[str, ...] = ("cpu",), batch: int = 1, seed: int = 0,
-                  shapes: dict[str, tuple[int, ...]] | None = None) -> ReferenceRun:
-    """Run the input model in onnxruntime on one seeded random batch (``random_feed``).
+                  providers: list[str] | tuple[str, ...] = ("cpu",), batch: int = 1,
+                  shapes: dict[str, tuple[int, ...]] | None = None,
+                  synthetic: tuple[np.ndarray, str] | None = None, seed: int = 0) -> ReferenceRun:
+    """Run the input model in onnxruntime on one seeded random batch (``random_feed``), and on the
+    ``synthetic`` inputs (array, what they are) if any.
 
     ``weights`` are the values of initializers that ``model`` holds without data (``load.load_model``);
     onnxruntime reads them in place. Raises InputError if onnxruntime cannot run the input model.
@@ -97,17 +104,30 @@ def run_reference(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None 
     names = [spec.name for spec in session.get_outputs()]
     first = next(iter(feed.values()), None)
     batch = first.shape[0] if first is not None and first.ndim else batch
-    return ReferenceRun(feed, tuple(zip(names, map(np.asarray, outputs))), tuple(chosen), batch)
+    if synthetic is not None:
+        try:
+            synthetic = (*synthetic, run_batches(session, synthetic[0]))
+        except Exception as err:
+            raise InputError(f"onnxruntime cannot run the input model on the {synthetic[1]}: {first_line(err)}") from None
+    return ReferenceRun(feed, tuple(zip(names, map(np.asarray, outputs))), tuple(chosen), batch, synthetic)
 
 
-def check_model(reference: ReferenceRun, candidate: onnx.ModelProto) -> CheckResult:
-    """Check ``candidate`` with the ONNX checker, run it on the reference's batch and compare every output.
+def check_model(reference: ReferenceRun, candidate: onnx.ModelProto, min_agreement: float | None = None
+                ) -> CheckResult:
+    """Check ``candidate`` with the ONNX checker, run it on the reference's batch and compare every output,
+    then measure its fidelity on the synthetic inputs.
 
     Raises CheckError (holding the candidate, for ``--keep-failed``) if the candidate fails the checker,
-    does not load, does not run, or produces non-finite values where the reference does not.
+    does not load, does not run, produces non-finite values where the reference does not, or agrees with
+    the float model's top-1 on less than ``min_agreement`` percent of the synthetic inputs.
     """
     try:
-        return _compare(reference, candidate)
+        result = _compare(reference, candidate)
+        agreement = result.fidelity.top1_agreement if result.fidelity else None
+        if min_agreement is not None and agreement is not None and agreement < min_agreement:
+            raise CheckError(f"the quantized model agrees with the float model's top-1 on {agreement:.1f} % of the "
+                             f"{result.fidelity.inputs}, below --min-agreement {min_agreement:g}")
+        return result
     except CheckError as err:
         err.model = candidate
         raise
@@ -137,4 +157,12 @@ def _compare(reference: ReferenceRun, candidate: onnx.ModelProto) -> CheckResult
             raise CheckError(f"the quantized model's output '{name}' holds NaN or Inf")
         cosine, sqnr = compare_outputs(r, c)
         agreements.append(OutputAgreement(name, cosine, sqnr))
-    return CheckResult(providers=tuple(session.get_providers()), batch=reference.batch, outputs=tuple(agreements))
+    fidelity = None
+    if reference.synthetic is not None:
+        inputs, label, float_outputs = reference.synthetic
+        try:
+            quantized_outputs = run_batches(session, inputs)
+        except Exception as err:
+            raise CheckError(f"onnxruntime cannot run the quantized model on the {label}: {first_line(err)}") from None
+        fidelity = measure_fidelity(float_outputs, quantized_outputs, [name for name, _ in reference.outputs], label)
+    return CheckResult(tuple(session.get_providers()), reference.batch, tuple(agreements), fidelity)

@@ -50,6 +50,8 @@ def add_option(parser: argparse.ArgumentParser, item: dataclasses.Field) -> None
     settings = dict(dest=item.name, default=argparse.SUPPRESS, help=meta["help"] + default)
     if cli in ACTIONS:
         settings["action"] = ACTIONS[cli]
+    if cli == "csv":
+        settings["type"] = str
     if cli in ("value", "many", "csv", "repeat"):
         settings["metavar"] = meta["metavar"] or (item.name.upper() if not meta["choices"] else None)
     if cli == "many":
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     if not quiet:
+        for warning in report.warnings():
+            print(f"dfmpc-onnx: warning: {warning}", file=sys.stderr)
         print(report.format_table())
         print()
         print(report.format_summary())

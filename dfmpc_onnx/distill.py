@@ -23,7 +23,7 @@ import onnx
 from .errors import InputError
 from .gradient_rules import RULES
 from .gradients import Builder, gradient_model, prepare_forward
-from .maths.noise import pink_noise
+from .domain import InputDomain, unit_domain
 from .maths.optimise import Adam, cosine_rate
 from .maths.priors import low_pass, squared_norm, total_variation
 from .progress import Console
@@ -32,66 +32,84 @@ from .runtime import graph_session, own_graph
 STEPS = 120
 LEARNING_RATE = 0.1
 SCHEDULE = "constant"
+"""Measured by ``tools/bench_distill.py`` on ResNet-56 (README, "Distillation"): 120 steps at a constant
+0.1 score as 150 or 300 steps and as cosine schedules, within the seed-to-seed spread, at the cost the
+speed target allows."""
 
 
 @dataclass(frozen=True)
 class Priors:
-    """Image priors beside the model's loss: ``tv`` and ``l2`` weigh the total variation and the squared
-    norm (DeepInversion), ``cutoff`` low-pass filters the inputs after every step (SynQ); 0 is off."""
+    """Image priors beside the model's loss, on the inputs standardised by their domain: ``tv`` and ``l2``
+    weigh the total variation and the squared norm (DeepInversion), ``cutoff`` low-pass filters the
+    inputs after every step (SynQ); 0 is off."""
 
     tv: float = 0.0
     l2: float = 0.0
     cutoff: float = 0.0
 
-    def add(self, x: np.ndarray, loss: float, gradient: np.ndarray) -> tuple[float, np.ndarray]:
+    def add(self, x: np.ndarray, loss: float, gradient: np.ndarray, domain: InputDomain) -> tuple[float, np.ndarray]:
+        z = domain.standardise(x)
         for weight, prior in ((self.tv, total_variation), (self.l2, squared_norm)):
             if weight:
-                value, g = prior(x)
-                loss, gradient = loss + weight * value, gradient + weight * g
+                value, g = prior(z)
+                loss, gradient = loss + weight * value, gradient + weight * domain.input_gradient(g)
         return loss, gradient
 
-    def project(self, x: np.ndarray) -> np.ndarray:
-        return low_pass(x, self.cutoff) if self.cutoff else x
+    def project(self, x: np.ndarray, domain: InputDomain) -> np.ndarray:
+        if self.cutoff:
+            x = domain.apply(low_pass(domain.standardise(x), self.cutoff))
+        return domain.clip(x)
 
 
-def distill_inputs(model: onnx.ModelProto, samples: int, seed: int, steps: int = STEPS,
-                   learning_rate: float = LEARNING_RATE, input_shape: Sequence[int] | None = None,
-                   console: Console | None = None, providers: list[str] | None = None,
-                   schedule: str = SCHEDULE, objective: str = "batchnorm", priors: Priors = Priors()) -> np.ndarray:
-    """``samples`` inputs distilled from ``model`` (float, BatchNorm not folded), from pink noise.
+LOGITS_PRIORS = Priors(tv=1e-2, l2=1e-3)
+"""Measured by ``tools/bench_distill.py --folded`` on a BN-folded ResNet-56 (README, "Distillation"):
+the cross-entropy alone scores below pink noise; these weights scored best of the priors tried."""
+
+
+def distill_inputs(model: onnx.ModelProto, start: np.ndarray, seed: int, steps: int = STEPS,
+                   learning_rate: float = LEARNING_RATE, console: Console | None = None,
+                   providers: list[str] | None = None, schedule: str = SCHEDULE, objective: str = "auto",
+                   priors: Priors | None = None, domain: InputDomain | None = None) -> np.ndarray:
+    """Inputs distilled from ``model`` (float, BatchNorm not folded), starting from ``start`` (noise in
+    the model's input ``domain``; its shape fixes the batch and any dynamic dims).
 
     ``objective`` "batchnorm" matches every BatchNormalization's running statistics (``batchnorm_loss``);
-    "logits" drives each sample to a random target class (cross-entropy on the model's one output,
-    ``logits_loss``), with the image ``priors``. ``input_shape`` (the dims after the batch dim) replaces
-    the input's own where they are dynamic; ``schedule`` "constant" keeps the learning rate, "cosine"
-    decays it to 0 (``maths.cosine_rate``).
+    "logits" drives each sample to a target class (cross-entropy on the model's one output,
+    ``logits_loss``), with the image ``priors`` (default ``LOGITS_PRIORS``); "auto" is "batchnorm" when
+    the model has BatchNormalization nodes, else "logits". ``schedule`` "constant" keeps the learning
+    rate, "cosine" decays it to 0 (``maths.cosine_rate``).
     """
-    forward = prepare_forward(with_input_shape(model, samples, input_shape))
-    x = pink_noise(tuple(d.dim_value for d in forward.graph.input[0].type.tensor_type.shape.dim),
-                   np.random.default_rng(seed))
-    feed = {}
-    if objective == "batchnorm":
-        if not [n for n in forward.graph.node if n.op_type == "BatchNormalization"]:
-            raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
-                             "this model has none (use --synthetic pink)")
-        loss, extra = batchnorm_loss, []
-    else:
-        classes = logits_shape(forward)[1]
-        feed["targets"] = np.eye(classes, dtype=np.float32)[class_targets(samples, classes, seed)]
-        loss, extra = logits_loss, [onnx.helper.make_tensor_value_info("targets", onnx.TensorProto.FLOAT,
-                                                                       [samples, classes])]
+    forward = prepare_forward(with_input_shape(model, len(start), start.shape[1:]))
+    domain = domain or unit_domain(start.shape[1], "unit scale")
+    loss, extra, feed, objective = _objective(forward, objective, len(start), seed)
+    priors = priors if priors is not None else LOGITS_PRIORS if objective == "logits" else Priors()
     session = graph_session(gradient_model(forward, loss, extra, RULES), forward, "distillation", providers)
-    name = forward.graph.input[0].name
+    name, x = forward.graph.input[0].name, np.asarray(start, np.float32)
     adam = Adam(learning_rate)
     progress = (console or Console()).progress("distill", steps, "steps")
     for step in range(steps):
         with own_graph("distillation"):
             value, gradient = session.run(["loss", "gradient"], {name: x, **feed})
-        value, gradient = priors.add(x, float(value), gradient)
+        value, gradient = priors.add(x, float(value), gradient, domain)
         x = adam.step(x, gradient, cosine_rate(learning_rate, step, steps) if schedule == "cosine" else None)
-        x = priors.project(x)
+        x = priors.project(x, domain)
         progress.advance(f"loss {value:.4f}")
     return x
+
+
+def _objective(forward: onnx.ModelProto, objective: str, samples: int, seed: int) -> tuple:
+    """(loss builder, extra graph inputs, their feed, the objective) for ``objective`` ("auto" resolved)."""
+    has_batchnorm = any(node.op_type == "BatchNormalization" for node in forward.graph.node)
+    objective = ("batchnorm" if has_batchnorm else "logits") if objective == "auto" else objective
+    if objective == "batchnorm":
+        if not has_batchnorm:
+            raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
+                             "this model has none (use --synthetic pink)")
+        return batchnorm_loss, [], {}, objective
+    classes = logits_shape(forward)[1]
+    targets = np.eye(classes, dtype=np.float32)[class_targets(samples, classes, seed)]
+    extra = [onnx.helper.make_tensor_value_info("targets", onnx.TensorProto.FLOAT, [samples, classes])]
+    return logits_loss, extra, {"targets": targets}, objective
 
 
 def class_targets(samples: int, classes: int, seed: int) -> np.ndarray:

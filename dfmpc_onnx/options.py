@@ -16,6 +16,8 @@ MAX_BITS = 16
 WIDTHS = (2, 4, 6, 8)
 """The bit widths ``--target-bits`` chooses from (3 and 5 bits are stored in 4 and 6, so never cheaper)."""
 DEFAULT_SCHEME = "2/6"
+SYNTHETIC_KINDS = {"distill": "distilled", "pink": "pink-noise", "noise": "white-noise"}
+"""How the report names each kind of synthetic input."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,19 @@ class Options:
                                  "distilled inputs, stats on noise, none with --placement consumer",
                          choices=("auto", "none", "bias", "stats", "refit"))
     synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise, white noise, or pink noise optimised so "
-                                    "that the model's BatchNorm layers see their running statistics (run by "
-                                    "onnxruntime, on --providers). auto: distill when the model has BatchNorm "
-                                    "statistics, else pink", choices=("auto", "pink", "noise", "distill"))
+                                    "that the model's BatchNorm layers see their running statistics, or, in a "
+                                    "classifier without BatchNorm, so that each input is classified as a chosen "
+                                    "class under image priors (run by onnxruntime, on --providers). auto: distill "
+                                    "when the model has BatchNorm statistics, else pink",
+                            choices=("auto", "pink", "noise", "distill"))
+    input_mean: tuple[float, ...] = option((), "the mean of the model's input per channel (comma-separated, or one "
+                                                "value for all), for the synthetic inputs; default: from the model",
+                                            metavar="M[,M...]", cli="csv")
+    input_std: tuple[float, ...] = option((), "the standard deviation of the model's input per channel, as "
+                                              "--input-mean", metavar="S[,S...]", cli="csv")
+    input_range: tuple[float, float] | None = option(
+        None, "the range of the model's input (e.g. 0,255 for raw pixels): synthetic inputs are made and kept in "
+              "it; default: from the model", metavar="LO,HI", cli="csv")
     samples: int = option(64, "number of synthetic inputs")
     seed: int = option(0, "seed of the synthetic inputs (0 or more)")
     relu6: str = option("refuse", "a Clip(0, 6) between producer and consumer: refuse the pair; pair across it "
@@ -116,6 +128,9 @@ class Options:
     providers: tuple[str, ...] = option(("cpu",), "comma-separated onnxruntime providers for the check and the "
                                                   "distillation: cpu, cuda", cli="csv")
     check_batch: int = option(1, "batch size for dynamic batch dims in the check")
+    min_agreement: float | None = option(
+        None, "fail the check (exit 3, nothing written unless --keep-failed) when the quantized model agrees with "
+              "the float model's top-1 on fewer than P percent of the synthetic inputs", metavar="P", parse=float)
     input_shapes: tuple[tuple[str | None, tuple[int, ...]], ...] = option(
         (), "shape for an input with dynamic dims, used by the check and the synthetic inputs (the output keeps "
             "the dynamic dims); NAME: is needed for models with several inputs; repeatable",
@@ -177,6 +192,14 @@ def _normalise(options: Options) -> None:
     put("providers", tuple(p.strip() for p in providers if p.strip()))
     shapes = options.input_shapes.items() if isinstance(options.input_shapes, dict) else options.input_shapes
     put("input_shapes", tuple((name, tuple(int(d) for d in dims)) for name, dims in shapes))
+    for name in ("input_mean", "input_std", "input_range"):
+        value = getattr(options, name)
+        if value is not None:
+            try:
+                value = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+            except ValueError:
+                raise InputError(f"--{name.replace('_', '-')}: '{getattr(options, name)}' is not a list of numbers") from None
+            put(name, tuple(value) if value or name != "input_range" else None)
 
 
 def _check_choices(options: Options) -> None:
@@ -201,6 +224,16 @@ def _check_numbers(options: Options) -> None:
         raise InputError(f"--target-bits must be between {min(WIDTHS)} and {max(WIDTHS)}")
     if not options.providers:
         raise InputError("--providers names no execution provider")
+    if options.min_agreement is not None and not 0 <= options.min_agreement <= 100:
+        raise InputError("--min-agreement must be a percentage between 0 and 100")
+    if not all(math.isfinite(v) for v in options.input_mean + options.input_std + (options.input_range or ())):
+        raise InputError("--input-mean, --input-std and --input-range take finite numbers")
+    if any(v <= 0 for v in options.input_std):
+        raise InputError("--input-std must be positive")
+    if options.input_range is not None and (len(options.input_range) != 2 or options.input_range[0] >= options.input_range[1]):
+        raise InputError("--input-range takes LO,HI with LO < HI")
+    if options.input_range is not None and (options.input_mean or options.input_std):
+        raise InputError("--input-range and --input-mean/--input-std exclude each other")
 
 
 def _check_combinations(options: Options) -> None:

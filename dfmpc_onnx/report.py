@@ -12,10 +12,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .check import CheckResult
+from .domain import InputDomain
+from .fidelity import Fidelity
 from .fold import FoldResult
 from .graph import WEIGHTED_OPS, to_rows
 from .load import default_opset
-from .options import Plan
+from .options import SYNTHETIC_KINDS, Plan
 from .pairs import Pair, PairSearch, Refusal
 from .plan import QuantizedLayer
 
@@ -70,6 +72,8 @@ class Report:
     unfolded_batchnorm: list[tuple[str, str]]
     weight_bytes_before: int
     weight_bytes_after: int
+    input_domain: str | None = None
+    """Where the synthetic inputs were made (``domain.InputDomain.describe``)."""
     stored_bits: float | None = None
     """Bits per weight in the output file (``stored_bits_per_weight``), scales and offsets included."""
     replaced_clips: list[str] = field(default_factory=list)
@@ -80,8 +84,18 @@ class Report:
     def count(self, role: str) -> int:
         return sum(layer.role == role for layer in self.layers)
 
+    @property
+    def fidelity(self) -> Fidelity | None:
+        return self.check.fidelity if self.check else None
+
+    def warnings(self) -> list[str]:
+        """What the user must not miss: the quantized model follows the float one badly."""
+        return self.fidelity.warnings() if self.fidelity else []
+
     def to_dict(self) -> dict:
         data = asdict(self)
+        data["fidelity"] = self.fidelity.as_dict() if self.fidelity else None
+        data["warnings"] = self.warnings()
         data["summary"] = {
             "pairs": len(self.pairs),
             "low_layers": self.count("low"),
@@ -109,7 +123,8 @@ class Report:
 
     def format_summary(self) -> str:
         compensation = f"lambda1={self.lambda1:g} lambda2={self.lambda2:g}" if self.compensate else "off"
-        inputs = f" on {self.samples} {self.synthetic} inputs, seed {self.seed}" if self.synthetic else ""
+        kind = SYNTHETIC_KINDS.get(self.synthetic)
+        inputs = f" on {self.samples} {kind} inputs, seed {self.seed}" if self.synthetic else ""
         lines = [
             f"scheme {self.scheme} ({self.format}, {self.granularity} scales, {self.ternary_threshold} ternary "
             f"threshold, k-bit range {self.kbit_range}, compensation {compensation}, refinement {self.refine}{inputs})",
@@ -123,6 +138,8 @@ class Report:
             + (f" ({self.weight_bytes_after / self.weight_bytes_before:.1%})" if self.weight_bytes_before else "")
             + (f"; {self.stored_bits:.2f} stored bits per weight" if self.stored_bits is not None else ""),
         ]
+        if self.input_domain and (self.synthetic or self.fidelity):
+            lines.append(f"synthetic inputs in the model's input domain: {self.input_domain}")
         lines += [f"left float: {layer.name}: {layer.note}" for layer in self.layers if layer.role == "float"]
         lines += [f"not paired: {refusal.producer}: {refusal.reason}" for refusal in self.refusals]
         lines += [f"BatchNormalization not folded: {name}: {reason}" for name, reason in self.unfolded_batchnorm]
@@ -132,12 +149,18 @@ class Report:
         for out in self.check.outputs if self.check else ():
             lines.append(f"onnxruntime check ({self.check.providers[0]}, batch {self.check.batch}): output "
                          f"'{out.name}' cosine {out.cosine:.4f}, SQNR {out.sqnr_db:.1f} dB")
+        for out in self.fidelity.outputs if self.fidelity else ():
+            agreement = "" if out.top1_agreement is None else f"top-1 agreement {out.top1_agreement:.1f} %, "
+            lines.append(f"fidelity on {self.fidelity.inputs}: output '{out.name}' {agreement}SQNR {out.sqnr_db:.1f} dB")
+        if self.check is not None and self.fidelity is None:
+            lines.append("fidelity: not measured (the model cannot take synthetic inputs)")
+        lines += [f"warning: {warning}" for warning in self.warnings()]
         return "\n".join(lines)
 
 
 def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.ModelProto, search: PairSearch,
                 folding: FoldResult, layers: list[LayerReport], replaced_clips: list[str], notes: list[str],
-                check: CheckResult | None, timings: dict[str, float]) -> Report:
+                check: CheckResult | None, timings: dict[str, float], domain: InputDomain | None = None) -> Report:
     """The report of one run: ``source`` is the input's skeleton, ``result`` the output model."""
     options = plan.options
     notes = list(plan.decisions) + notes
@@ -155,7 +178,8 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
         pairs=list(search.pairs), refusals=list(search.refusals), folded_batchnorm=list(folding.folded),
         unfolded_batchnorm=list(folding.unfolded), weight_bytes_before=initializer_bytes(source),
         weight_bytes_after=initializer_bytes(result), stored_bits=stored_bits_per_weight(result),
-        replaced_clips=replaced_clips, notes=notes, check=check, timings=timings)
+        replaced_clips=replaced_clips, notes=notes, check=check, timings=timings,
+        input_domain=domain.describe() if domain else None)
 
 
 def layer_reports(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], left_float: dict[str, str]) -> list[LayerReport]:

@@ -1,6 +1,6 @@
-"""The synthetic-inputs stage: what refinement and ``--target-bits`` run on, made from the model alone:
-white or pink noise (``maths/noise.py``), or inputs distilled from its BatchNorm statistics
-(``distill.py``), or inputs the caller gives."""
+"""The synthetic-inputs stage: what refinement, ``--target-bits`` and the fidelity check run on, made from
+the model alone, in its input domain (``domain.py``): white or pink noise (``maths/noise.py``), or
+inputs distilled from it (``distill.py``), or inputs the caller gives."""
 
 from __future__ import annotations
 
@@ -8,18 +8,27 @@ import numpy as np
 import onnx
 
 from .distill import distill_inputs
+from .domain import InputDomain, input_domain
 from .errors import InputError
+from .graph import import_graph
 from .inputs import synthesis_shape
 from .load import with_weights
 from .maths.noise import noise_batch
-from .options import Plan
+from .options import SYNTHETIC_KINDS, Options, Plan
 from .progress import Console
 from .runtime import resolve_providers
 
 
+def model_domain(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                 options: Options) -> InputDomain | None:
+    """The input domain of the model (None when it cannot take synthetic inputs)."""
+    shape = synthesis_shape(skeleton, shapes)
+    return None if isinstance(shape, str) else input_domain(import_graph(skeleton, weights), shape, options)
+
+
 def make_synthetic_inputs(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray],
-                          shapes: dict[str, tuple[int, ...]], plan: Plan, given: np.ndarray | None,
-                          console: Console) -> tuple[np.ndarray | None, Plan]:
+                          shapes: dict[str, tuple[int, ...]], plan: Plan, domain: InputDomain | None,
+                          given: np.ndarray | None, console: Console) -> tuple[np.ndarray | None, Plan]:
     """The plan's synthetic inputs (None when it needs none), and the plan that runs: when distillation
     was chosen by ``--synthetic auto`` and turns out impossible, pink noise replaces it."""
     if not plan.needs_inputs:
@@ -32,20 +41,42 @@ def make_synthetic_inputs(skeleton: onnx.ModelProto, weights: dict[str, np.ndarr
     options = plan.options
     providers = resolve_providers(options.providers)
     try:
-        return synthesize(skeleton, weights, shape, plan.synthetic, options.samples, options.seed, console,
-                          providers), plan
+        return synthesize(skeleton, weights, shape, plan.synthetic, options, domain, console, providers), plan
     except InputError as err:
         if options.synthetic != "auto":
             raise
         plan = plan.without_distillation(str(err))
-        return synthesize(skeleton, weights, shape, plan.synthetic, options.samples, options.seed, console), plan
+        return synthesize(skeleton, weights, shape, plan.synthetic, options, domain, console), plan
 
 
-def synthesize(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], shape: list, kind: str, samples: int,
-               seed: int, console: Console | None = None, providers: list[str] | None = None) -> np.ndarray:
-    """``samples`` seeded inputs of ``shape`` (static after the batch dim): "noise", "pink" or "distill"
-    (distillation runs the whole float model, so it takes the weights back into the skeleton)."""
-    if kind == "distill":
-        return distill_inputs(with_weights(skeleton, weights), samples, seed, input_shape=shape[1:], console=console,
-                              providers=providers)
+def synthesize(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], shape: list, kind: str, options: Options,
+               domain: InputDomain, console: Console | None = None, providers: list[str] | None = None) -> np.ndarray:
+    """``options.samples`` seeded inputs of ``shape`` (static after the batch dim) in ``domain``: "noise",
+    "pink" or "distill" (from pink noise; it runs the whole float model, so the weights go back in)."""
+    start = domain.apply(standard_noise(shape, "pink" if kind == "distill" else kind, options.samples, options.seed,
+                                        domain.channel_axis))
+    if kind != "distill":
+        return start
+    return distill_inputs(with_weights(skeleton, weights), start, options.seed, console=console, providers=providers,
+                          domain=domain)
+
+
+def standard_noise(shape: list, kind: str, samples: int, seed: int, channel_axis: int = 1) -> np.ndarray:
+    """Standardised noise (``maths.noise_batch``) for an NCHW input, or an NHWC one (``channel_axis`` 3),
+    the pink spectrum over the spatial axes either way."""
+    if channel_axis == 3 and len(shape) == 4:
+        return noise_batch([shape[0], shape[3], shape[1], shape[2]], kind, samples, seed).transpose(0, 2, 3, 1).copy()
     return noise_batch(shape, kind, samples, seed)
+
+
+def fidelity_inputs(skeleton: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], inputs: np.ndarray | None,
+                    plan: Plan, domain: InputDomain | None) -> tuple[np.ndarray, str] | None:
+    """The inputs the check compares the two models on, and what they are: the synthetic inputs, or
+    seeded pink noise where nothing else needed inputs; None when the model cannot take them."""
+    if inputs is not None:
+        return inputs, f"{len(inputs)} {SYNTHETIC_KINDS.get(plan.synthetic, 'synthetic')} inputs"
+    if domain is None:
+        return None
+    options = plan.options
+    z = standard_noise(synthesis_shape(skeleton, shapes), "pink", options.samples, options.seed, domain.channel_axis)
+    return domain.apply(z), f"{options.samples} pink-noise inputs"

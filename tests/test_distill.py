@@ -11,6 +11,7 @@ from dfmpc_onnx.errors import InputError
 from dfmpc_onnx.gradient_rules import RULES
 from dfmpc_onnx.gradients import gradient_model, prepare_forward
 from dfmpc_onnx.load import load_whole_model
+from dfmpc_onnx.maths.noise import noise_batch
 from dfmpc_onnx.runtime import graph_session
 
 
@@ -27,6 +28,12 @@ def padded_shortcut_model():
     sliced = g.node("Slice", [padded, g.const_int("s", [0]), g.const_int("e", [8]), g.const_int("ax", [2]),
                               g.const_int("st", [2])])
     return g.model(g.node("Relu", [g.bn(g.conv(sliced, 8, 4, name="b"), 4)]))
+
+
+def noise_start(model, samples, seed):
+    """Pink noise of the model's input shape, as the synthetic stage starts distillation from."""
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return noise_batch([samples] + dims[1:], "pink", samples, seed)
 
 
 def loss_of(model, x, loss=batchnorm_loss, feed=None):
@@ -47,24 +54,24 @@ def test_the_prepared_forward_graph_computes_the_model(make):
 @pytest.mark.parametrize("make", [residual_model, padded_shortcut_model])
 def test_distillation_lowers_the_batchnorm_loss_and_is_seeded(make):
     model = load_whole_model(make())
-    start = distill_inputs(model, samples=8, seed=3, steps=0)
-    done = distill_inputs(model, samples=8, seed=3, steps=40)
+    start = distill_inputs(model, noise_start(model, 8, 3), seed=3, steps=0)
+    done = distill_inputs(model, noise_start(model, 8, 3), seed=3, steps=40)
     assert loss_of(model, done) < 0.5 * loss_of(model, start)
-    np.testing.assert_array_equal(done, distill_inputs(model, samples=8, seed=3, steps=40))
+    np.testing.assert_array_equal(done, distill_inputs(model, noise_start(model, 8, 3), seed=3, steps=40))
 
 
 def test_model_without_batchnorm_is_refused_for_batchnorm_statistics():
     g = GraphBuilder()
     model = load_whole_model(g.model(g.node("Relu", [g.conv("x", 3, 4)])))
     with pytest.raises(InputError, match="needs BatchNormalization"):
-        distill_inputs(model, samples=2, seed=0, steps=1)
+        distill_inputs(model, noise_start(model, 2, 0), seed=0, steps=1, objective="batchnorm")
     with pytest.raises(InputError, match="needs a classifier"):
-        distill_inputs(model, samples=2, seed=0, steps=1, objective="logits")
+        distill_inputs(model, noise_start(model, 2, 0), seed=0, steps=1, objective="logits")
 
 
 def test_the_logits_objective_drives_samples_to_their_classes():
     model = load_whole_model(chain_model())
-    done = distill_inputs(model, samples=10, seed=1, steps=60, objective="logits", priors=Priors(tv=1e-3, l2=1e-4))
+    done = distill_inputs(model, noise_start(model, 10, 1), seed=1, steps=60, objective="logits", priors=Priors(tv=1e-3, l2=1e-4))
     targets = class_targets(10, 10, seed=1)
     assert sorted(targets) == list(range(10))
 
@@ -72,7 +79,7 @@ def test_the_logits_objective_drives_samples_to_their_classes():
         logits = np.concatenate([run_model(model, x[i:i + 1]) for i in range(10)]).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         return float(np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(10), targets]))
-    start = distill_inputs(model, samples=10, seed=1, steps=0, objective="logits")
+    start = noise_start(model, 10, 1)
     assert cross_entropy(done) < 0.5 * cross_entropy(start)
 
 
@@ -87,10 +94,9 @@ def test_distill_dynamic_spatial_dims_take_the_given_shape():
     model = chain_model()
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "H", "W"
-    with pytest.raises(InputError, match="--input-shape"):
-        distill_inputs(load_whole_model(model), samples=2, seed=0, steps=1)
-    x = distill_inputs(load_whole_model(model), samples=2, seed=0, steps=2, input_shape=(3, 12, 10))
-    assert x.shape == (2, 3, 12, 10)
+    start = noise_batch([2, 3, 12, 10], "pink", 2, 0)
+    x = distill_inputs(load_whole_model(model), start, seed=0, steps=2)
+    assert x.shape == (2, 3, 12, 10) and not np.array_equal(x, start)
 
 
 def test_an_unsupported_op_falls_back_to_pink_noise_with_a_note():

@@ -32,6 +32,8 @@ VARIANTS = {  # further rows, on request (--variants)
     "mse-none": ("--kbit-range mse, --refine none", dict(kbit_range="mse", refine="none")),
     "mse": ("--kbit-range mse, default refinement", dict(kbit_range="mse")),
     "refit-pink": ("--refine refit --synthetic pink", dict(refine="refit", synthetic="pink")),
+    "distill": ("--synthetic distill (logits objective)", dict(synthetic="distill")),
+    "distill-stats": ("--synthetic distill --refine stats", dict(synthetic="distill", refine="stats")),
 }
 
 

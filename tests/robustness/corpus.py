@@ -352,7 +352,7 @@ CASES = [
     Case("conv-3d", _model(_conv_nd(3)), 0, r"pairs found: 1"),
     Case("dynamic-spatial-dims", _model(_dynamic_spatial), 0, r"refinement skipped: .*--input-shape"),
     Case("dynamic-spatial-dims-input-shape", _model(_dynamic_spatial, "--input-shape", "2,3,16,16"), 0,
-         r"refinement stats on 8 pink inputs"),
+         r"refinement stats on 8 pink-noise inputs"),
     Case("input-shape-wrong-rank", _model(_dynamic_spatial, "--input-shape", "3,16,16"), 2, "does not fit"),
     Case("input-shape-clashes-static-dim", _model(chain_model, "--input-shape", "1,3,9,9"), 2, "does not fit"),
     Case("input-shape-unknown-input", _model(chain_model, "--input-shape", "y:1,3,8,8"), 2, "no input 'y'"),
