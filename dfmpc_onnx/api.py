@@ -19,7 +19,7 @@ from .emit import emit
 from .errors import CheckError, InputError
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph
-from .inputs import model_facts, resolve_input_shapes
+from .inputs import find_static_shape, model_facts, resolve_input_shapes
 from .load import load_model
 from .options import Options, OutputOptions, resolve
 from .pairs import find_pairs, kept_out_of_pairs
@@ -57,7 +57,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
         resolve_providers(options.providers)
     skeleton, weights = load_model(model)
     stopwatch = Stopwatch(initializer_bytes(skeleton) >= COLLECT_ABOVE_BYTES)
-    shapes = resolve_input_shapes(skeleton, options.input_shapes)
+    shapes, shape_note = find_static_shape(skeleton, weights, resolve_input_shapes(skeleton, options.input_shapes))
     plan = resolve(options, model_facts(skeleton, shapes))
     domain = model_domain(skeleton, weights, shapes, options)
     inputs, plan = make_synthetic_inputs(skeleton, weights, shapes, plan, domain, synthetic_inputs, console)
@@ -96,7 +96,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     check = check_model(reference, result, options.min_agreement) if options.check else None
     stopwatch.lap("check")
 
-    notes = [note for note in (upgrade_note, relu6_note, allocation_note) if note]
+    notes = [note for note in (shape_note, upgrade_note, relu6_note, allocation_note) if note]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table,
                                replaced_clips, notes, check, stopwatch.timings, domain)
 

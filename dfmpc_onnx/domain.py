@@ -143,7 +143,9 @@ def _first_batchnorm(graph: gs.Graph, channels: int, axis: int, shape: list) -> 
     bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(weight.shape[0])
     if any(s is None for s in stats) or bias is None or len(shape) != 4 or conv.attrs.get("auto_pad", "NOTSET") != "NOTSET":
         return None
-    running_mean, running_var = (s.astype(np.float64) for s in stats)
+    if int(after[0].attrs.get("spatial", 1)) != 1 or any(s.size != weight.shape[0] for s in stats):
+        return None
+    running_mean, running_var = (s.astype(np.float64).reshape(-1) for s in stats)
     sums = weight.astype(np.float64).sum(axis=(2, 3))
     mean = np.linalg.lstsq(sums, running_mean - bias, rcond=None)[0]
     z = noise_batch([1, channels, min(int(shape[2]), 64), min(int(shape[3]), 64)], "pink", 8, 0).astype(np.float64)

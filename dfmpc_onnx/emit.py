@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import Layer, NameSource, from_rows
+from .graph import Layer, NameSource, from_rows, replace_list
 from .pairs import Pair
 from .plan import QuantizedLayer
 from .storage import packed_tensor, split_codes, storage_parts, stored_rows
@@ -80,7 +80,7 @@ def emit_float(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], pairs: tuple
     for name, (weight, bias) in float_weights(qlayers, pairs, placement).items():
         layer = qlayers[name].layer
         layer.node.inputs[1] = gs.Constant(names.fresh(f"{name}.weight_q"), weight)
-        _set_bias(names, layer, bias)
+        _set_bias(graph, names, layer, bias)
 
 
 def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
@@ -124,7 +124,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
                                        outputs=[total]))
             weight = total
         layer.node.inputs[1] = weight
-        _set_bias(names, layer, bias)
+        _set_bias(graph, names, layer, bias)
     graph.toposort()
 
 
@@ -145,11 +145,18 @@ def _reshaped(graph: gs.Graph, names: NameSource, layer: str, tensor: gs.Tensor,
     return out
 
 
-def _set_bias(names: NameSource, layer: Layer, bias: np.ndarray | None) -> None:
+def _set_bias(graph: gs.Graph, names: NameSource, layer: Layer, bias: np.ndarray | None) -> None:
+    """The layer's bias input set to ``bias``; a MatMul, which has none, gets an Add after it."""
     if bias is None or bias is layer.bias:
         return
     constant = gs.Constant(names.fresh(f"{layer.name}.bias_q"), np.asarray(bias, dtype=np.float32))
-    if len(layer.node.inputs) > 2:
+    if layer.op == "MatMul":
+        output = layer.node.outputs[0]
+        product = gs.Variable(names.fresh(f"{output.name}.product"), dtype=output.dtype, shape=output.shape)
+        replace_list(layer.node.outputs, [product])
+        graph.nodes.append(gs.Node("Add", name=names.fresh(f"{layer.name}.bias_add"), inputs=[product, constant],
+                                   outputs=[output]))
+    elif len(layer.node.inputs) > 2:
         layer.node.inputs[2] = constant
     else:
         layer.node.inputs.append(constant)

@@ -62,6 +62,8 @@ def _fold_one(graph: gs.Graph, bn: gs.Node, names: NameSource) -> str | tuple[st
     bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
     if weight is None or any(p is None for p in params) or (len(conv.inputs) > 2 and conv.inputs[2].name and bias is None):
         return "weights or statistics are not constants"
+    if int(bn.attrs.get("spatial", 1)) != 1 or any(p.size != weight.shape[0] for p in params):
+        return "statistics are not per channel (spatial=0)"
     gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
     epsilon = float(bn.attrs.get("epsilon", 1e-5))
     if np.any(var < 0):

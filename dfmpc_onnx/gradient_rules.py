@@ -1,4 +1,5 @@
-"""The vector-Jacobian product of each op of exported CNNs, as ONNX nodes (for ``gradients.backward``).
+"""The vector-Jacobian product of each op of exported CNNs, as ONNX nodes (for ``gradients.backward``):
+convolutions, pools, layout and linear ops here, pointwise ops in ``gradient_pointwise.py``.
 
 Each rule takes the builder, the forward node and the gradients of its outputs (None where the loss does
 not reach an output) and returns one gradient per input (None for inputs that are constants). Shapes are
@@ -11,13 +12,11 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .gradients import Builder, attributes
+from .gradient_pointwise import (arithmetic, cast, clip, elementwise, hard_sigmoid, hard_swish, leaky_relu, relu,
+                                 sigmoid, softmax)
+from .gradients import Builder, attributes, static_shape
 
 
-def _shape(b: Builder, name: str) -> tuple[int, ...]:
-    if name not in b.shapes:
-        raise InputError(f"distillation needs static shapes, and '{name}' has none")
-    return b.shapes[name]
 
 
 def _spatial_pads(node: onnx.NodeProto, x: tuple, y: tuple, kernel: list[int], strides: list[int],
@@ -54,8 +53,8 @@ def conv(b: Builder, node: onnx.NodeProto, dy: list) -> list:
     """dX = ConvTranspose(dY, W); with stride 1 and a constant W, the same as a Conv of dY with W's
     input and output channels swapped and its kernel flipped, which onnxruntime runs faster."""
     attrs = attributes(node)
-    x, y = _shape(b, node.input[0]), _shape(b, node.output[0])
-    kernel = list(_shape(b, node.input[1])[2:])
+    x, y = static_shape(b, node.input[0]), static_shape(b, node.output[0])
+    kernel = list(static_shape(b, node.input[1])[2:])
     rank, group = len(kernel), int(attrs.get("group", 1))
     strides, dilations = list(attrs.get("strides", [1] * rank)), list(attrs.get("dilations", [1] * rank))
     pads = _spatial_pads(node, x, y, kernel, strides, dilations)
@@ -80,67 +79,8 @@ def _flipped(weight: np.ndarray, group: int) -> np.ndarray:
 def batchnorm(b: Builder, node: onnx.NodeProto, dy: list) -> list:
     gamma, _, _, var = (b.constants[name].astype(np.float64) for name in node.input[1:5])
     scale = gamma / np.sqrt(var + attributes(node).get("epsilon", 1e-5))
-    shape = [1, -1] + [1] * (len(_shape(b, node.input[0])) - 2)
+    shape = [1, -1] + [1] * (len(static_shape(b, node.input[0])) - 2)
     return [b.op("Mul", [dy[0], b.const(scale.reshape(shape))])] + [None] * 4
-
-
-def relu(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    return [b.op("Mul", [dy[0], b.mask(b.op("Greater", [node.input[0], b.const(0.0)]))])]
-
-
-def leaky_relu(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    """dX = dY (slope + (1 - slope) [X > 0])."""
-    slope = b.const(attributes(node).get("alpha", 0.01)) if node.op_type == "LeakyRelu" else node.input[1]
-    positive = b.mask(b.op("Greater", [node.input[0], b.const(0.0)]))
-    factor = b.op("Add", [slope, b.op("Mul", [positive, b.op("Sub", [b.const(1.0), slope])])])
-    return [b.op("Mul", [dy[0], factor])] + [None] * (len(node.input) - 1)
-
-
-def clip(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    attrs = attributes(node)
-    bound = lambda index, name: attrs.get(name) if len(node.input) <= index or not node.input[index] else float(
-        b.constants[node.input[index]].reshape(-1)[0])
-    low, high = bound(1, "min"), bound(2, "max")
-    inside = None
-    for bound, compare in ((low, "Greater"), (high, "Less")):
-        if bound is not None:
-            test = b.op(compare, [node.input[0], b.const(bound)])
-            inside = test if inside is None else b.op("And", [inside, test])
-    dx = dy[0] if inside is None else b.op("Mul", [dy[0], b.mask(inside)])
-    return [dx] + [None] * (len(node.input) - 1)
-
-
-def sigmoid(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    y = node.output[0]
-    return [b.op("Mul", [dy[0], b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])])]
-
-
-def hard_sigmoid(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    y, alpha = node.output[0], attributes(node).get("alpha", 0.2)
-    inside = b.mask(b.op("And", [b.op("Greater", [y, b.const(0.0)]), b.op("Less", [y, b.const(1.0)])]))
-    return [b.op("Mul", [dy[0], b.op("Mul", [inside, b.const(alpha)])])]
-
-
-def hard_swish(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    """y = x h(x), h = HardSigmoid(1/6, 1/2): dy/dx = h(x) + x / 6 inside (-3, 3)."""
-    x = node.input[0]
-    h = b.op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
-    inside = b.mask(b.op("And", [b.op("Greater", [h, b.const(0.0)]), b.op("Less", [h, b.const(1.0)])]))
-    slope = b.op("Add", [h, b.op("Mul", [inside, b.op("Mul", [x, b.const(1 / 6)])])])
-    return [b.op("Mul", [dy[0], slope])]
-
-
-def arithmetic(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    a, c = node.input[0], node.input[1]
-    y = _shape(b, node.output[0])
-    if node.op_type in ("Add", "Sub"):
-        terms = [dy[0], dy[0] if node.op_type == "Add" else b.op("Neg", [dy[0]])]
-    elif node.op_type == "Mul":
-        terms = [b.op("Mul", [dy[0], c]), b.op("Mul", [dy[0], a])]
-    else:  # Div: d(a/c) = da / c - dc a / c^2 = da / c - dc y / c
-        quotient = b.op("Div", [dy[0], c])
-        terms = [quotient, b.op("Neg", [b.op("Mul", [quotient, node.output[0]])])]
-    return [b.unbroadcast(t, y, _shape(b, name)) if name not in b.constants else None for t, name in zip(terms, (a, c))]
 
 
 def max_pool(b: Builder, node: onnx.NodeProto, dy: list) -> list:
@@ -148,7 +88,7 @@ def max_pool(b: Builder, node: onnx.NodeProto, dy: list) -> list:
     summed where windows overlap."""
     if len(node.output) < 2 or not node.output[1]:
         raise InputError(f"MaxPool {node.name} has no Indices output")  # ``with_pool_indices`` adds it
-    x = _shape(b, node.input[0])
+    x = static_shape(b, node.input[0])
     flat = b.op("ScatterElements", [b.const(np.zeros(int(np.prod(x)))), b.reshape(node.output[1], [-1]),
                                     b.reshape(dy[0], [-1])], axis=0, reduction="add")
     return [b.reshape(flat, x)]
@@ -156,7 +96,7 @@ def max_pool(b: Builder, node: onnx.NodeProto, dy: list) -> list:
 
 def average_pool(b: Builder, node: onnx.NodeProto, dy: list) -> list:
     attrs = attributes(node)
-    x, y = _shape(b, node.input[0]), _shape(b, node.output[0])
+    x, y = static_shape(b, node.input[0]), static_shape(b, node.output[0])
     if node.op_type == "GlobalAveragePool":
         scaled = b.op("Mul", [dy[0], b.const(1.0 / np.prod(x[2:]))])
         return [b.op("Expand", [scaled, b.ints(x)])]
@@ -194,7 +134,7 @@ def global_max_pool(b: Builder, node: onnx.NodeProto, dy: list) -> list:
 
 
 def reduce_mean(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    x, y = _shape(b, node.input[0]), _shape(b, node.output[0])
+    x, y = static_shape(b, node.input[0]), static_shape(b, node.output[0])
     attrs = attributes(node)
     axes = attrs.get("axes") if len(node.input) < 2 else b.constants[node.input[1]].tolist()
     axes = list(range(len(x))) if not axes else [a % len(x) for a in axes]
@@ -210,7 +150,7 @@ def pad(b: Builder, node: onnx.NodeProto, dy: list) -> list:
     mode = attrs.get("mode", b"constant")
     if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
         raise InputError(f"distillation supports constant Pad only ({node.name})")
-    x = _shape(b, node.input[0])
+    x = static_shape(b, node.input[0])
     pads = b.constants[node.input[1]].tolist() if len(node.input) > 1 else list(attrs["pads"])
     if len(node.input) > 3 and node.input[3]:
         raise InputError(f"distillation does not support Pad with axes ({node.name})")
@@ -223,7 +163,7 @@ def pad(b: Builder, node: onnx.NodeProto, dy: list) -> list:
 
 def slice_(b: Builder, node: onnx.NodeProto, dy: list) -> list:
     """Each sliced axis in turn: zeros between the kept steps, then zeros before and after."""
-    x, y = _shape(b, node.input[0]), _shape(b, node.output[0])
+    x, y = static_shape(b, node.input[0]), static_shape(b, node.output[0])
     starts, ends = (b.constants[name].tolist() for name in node.input[1:3])
     axes = b.constants[node.input[3]].tolist() if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
     steps = b.constants[node.input[4]].tolist() if len(node.input) > 4 and node.input[4] else [1] * len(starts)
@@ -256,27 +196,27 @@ def _spread(b: Builder, gradient: str, shape: list[int], axis: int, step: int) -
 
 
 def concat(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    y = _shape(b, node.output[0])
+    y = static_shape(b, node.output[0])
     axis = attributes(node)["axis"] % len(y)
     gradients, offset = [], 0
     for name in node.input:
-        size = _shape(b, name)[axis]
+        size = static_shape(b, name)[axis]
         gradients.append(b.op("Slice", [dy[0], b.ints([offset]), b.ints([offset + size]), b.ints([axis])]))
         offset += size
     return gradients
 
 
 def split(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    parts = [g if g is not None else b.const(np.zeros(_shape(b, o))) for g, o in zip(dy, node.output)]
+    parts = [g if g is not None else b.const(np.zeros(static_shape(b, o))) for g, o in zip(dy, node.output)]
     return [b.op("Concat", parts, axis=attributes(node).get("axis", 0))] + [None] * (len(node.input) - 1)
 
 
 def reshape(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    return [b.reshape(dy[0], _shape(b, node.input[0]))] + [None] * (len(node.input) - 1)
+    return [b.reshape(dy[0], static_shape(b, node.input[0]))] + [None] * (len(node.input) - 1)
 
 
 def transpose(b: Builder, node: onnx.NodeProto, dy: list) -> list:
-    perm = attributes(node).get("perm") or list(reversed(range(len(_shape(b, node.input[0])))))
+    perm = attributes(node).get("perm") or list(reversed(range(len(static_shape(b, node.input[0])))))
     return [b.op("Transpose", [dy[0]], perm=list(np.argsort(perm)))]
 
 
@@ -298,8 +238,8 @@ def gemm(b: Builder, node: onnx.NodeProto, dy: list) -> list:
 
 def matmul(b: Builder, node: onnx.NodeProto, dy: list) -> list:
     a, c = node.input
-    shapes = _shape(b, a), _shape(b, c)
-    y = _shape(b, node.output[0])
+    shapes = static_shape(b, a), static_shape(b, c)
+    y = static_shape(b, node.output[0])
     if min(len(s) for s in shapes) < 2:
         raise InputError(f"distillation does not support MatMul of vectors ({node.name})")
     swap = lambda name, rank: b.op("Transpose", [name], perm=list(range(rank - 2)) + [rank - 1, rank - 2])
@@ -316,5 +256,6 @@ RULES = {
     "GlobalMaxPool": global_max_pool, "ReduceMean": reduce_mean, "ReduceSum": reduce_mean, "Pad": pad,
     "Slice": slice_, "Concat": concat, "Split": split, "Flatten": reshape, "Reshape": reshape,
     "Squeeze": reshape, "Unsqueeze": reshape, "Transpose": transpose, "Identity": identity, "Dropout": identity,
-    "Gemm": gemm, "MatMul": matmul,
+    "Gemm": gemm, "MatMul": matmul, "Sqrt": elementwise, "Exp": elementwise, "Tanh": elementwise,
+    "Erf": elementwise, "Pow": elementwise, "Softmax": softmax, "Cast": cast,
 }

@@ -78,6 +78,13 @@ class Builder:
 Rule = Callable[[Builder, onnx.NodeProto, list], list]
 
 
+def static_shape(b: Builder, name: str) -> tuple[int, ...]:
+    """The static shape of tensor ``name`` of the forward graph."""
+    if name not in b.shapes:
+        raise InputError(f"distillation needs static shapes, and '{name}' has none")
+    return b.shapes[name]
+
+
 def attributes(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 

@@ -3,10 +3,12 @@ synthetic inputs, and the facts the resolution of ``auto`` options needs."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from .errors import InputError
 from .options import ModelFacts
+from .runtime import model_session
 
 
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -25,8 +27,9 @@ def resolve_input_shapes(model: onnx.ModelProto, given: tuple[tuple[str | None, 
                          ) -> dict[str, tuple[int, ...]]:
     """``--input-shape`` values checked against the model's inputs, keyed by input name.
 
-    A None name means the model's only input. Each shape must have the input's
-    rank, positive dims, and agree with every static dim of the input.
+    A None name means the model's only input. Each shape must have the input's rank (or one less: the
+    dims after the batch dim, which is then the input's own if static, else 1), positive dims, and agree
+    with every static dim of the input.
     """
     inputs = {value.name: value for value in model_inputs(model)}
     shapes = {}
@@ -40,6 +43,8 @@ def resolve_input_shapes(model: onnx.ModelProto, given: tuple[tuple[str | None, 
             raise InputError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(inputs)})")
         declared = declared_shape(inputs[name])
         dims = tuple(int(d) for d in dims)
+        if len(dims) == len(declared) - 1:
+            dims = (declared[0] if isinstance(declared[0], int) else 1,) + dims
         if len(dims) != len(declared) or min(dims, default=1) <= 0 or any(
                 isinstance(d, int) and d != g for d, g in zip(declared, dims)):
             shown = ",".join(str(d) if d else "?" for d in declared)
@@ -72,3 +77,37 @@ def model_facts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> M
     return ModelFacts(has_batchnorm=any(node.op_type == "BatchNormalization" for node in model.graph.node),
                       obstacle=shape if isinstance(shape, str) else None)
 
+
+
+COMMON_SIZES = ((224, 224), (32, 32), (48, 320), (64, 64), (96, 96), (128, 128), (256, 256), (299, 299),
+                (320, 320), (384, 384), (512, 512))
+"""Spatial sizes tried, in this order, for an image input whose height or width is dynamic."""
+
+
+def find_static_shape(model: onnx.ModelProto, weights: dict[str, np.ndarray],
+                      shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]], str | None]:
+    """``shapes`` with, for the model's one input when its dims after the batch are dynamic and no
+    ``--input-shape`` gave them, the first of ``COMMON_SIZES`` the model runs with in onnxruntime; and a
+    note saying which (None when nothing was searched). InputError when none runs."""
+    inputs = model_inputs(model)
+    if len(inputs) != 1 or inputs[0].name in shapes:
+        return shapes, None
+    declared = declared_shape(inputs[0])
+    if len(declared) < 2 or all(isinstance(d, int) for d in declared[1:]):
+        return shapes, None
+    shown = ",".join(str(d) if isinstance(d, int) else "?" for d in declared)
+    if len(declared) != 4 or not all(isinstance(d, int) for d in declared[1:2]):
+        raise InputError(f"input '{inputs[0].name}' has the dynamic shape {shown}: give one with --input-shape")
+    session = model_session(model, ["CPUExecutionProvider"], weights)
+    dtype = np.float16 if inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+    for size in COMMON_SIZES:
+        candidate = (1, declared[1]) + tuple(d if isinstance(d, int) else s for d, s in zip(declared[2:], size))
+        try:
+            session.run(None, {inputs[0].name: np.zeros(candidate, dtype)})
+        except Exception:  # onnxruntime's many error types: this size does not fit the model
+            continue
+        return {**shapes, inputs[0].name: candidate}, (
+            f"input shape {shown} is dynamic: used {','.join(map(str, candidate))}, the first common size the model "
+            "runs with (give the size it was trained on with --input-shape)")
+    raise InputError(f"input '{inputs[0].name}' has the dynamic shape {shown} and runs with none of the common sizes: "
+                     "give one with --input-shape")

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import batch_chunk, from_rows, weight_feed
+from .graph import Layer, batch_chunk, from_rows, weight_feed
 from .maths.batchnorm import relu_mean
 from .maths.statistics import (apply_affine, channel_affine, channel_statistics, expected_output_error,
                                fold_affine, ridge_refit)
@@ -62,7 +62,7 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
     graph_inputs = {t.name for t in graph.inputs}
     conv_inputs = {name: qlayers[name].layer.node.inputs[0].name for name in convs}
     fittable = {name for name in convs if plan.refine == "refit" and qlayers[name].role == "high"
-                and conv_inputs[name] not in graph_inputs and _plain_conv(qlayers[name].layer.node)}
+                and conv_inputs[name] not in graph_inputs and _plain_conv(qlayers[name].layer)}
     layers = {name: ql.layer for name, ql in qlayers.items()}
     segments = Segments(graph, layers, convs, {conv_inputs[name] for name in fittable}, like)
     chunk = batch_chunk(graph)
@@ -98,9 +98,11 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
     return qlayers
 
 
-def _plain_conv(node: gs.Node) -> bool:
-    """A 2-D conv with one group, no dilation and explicit pads: what ``maths.im2col`` computes."""
-    return (int(node.attrs.get("group", 1)) == 1 and len(node.attrs.get("kernel_shape", [1, 1])) == 2
+def _plain_conv(layer: Layer) -> bool:
+    """A 2-D conv (by its weight's rank: ``kernel_shape`` is optional) with one group, no dilation and
+    explicit pads: what ``maths.im2col`` computes."""
+    node = layer.node
+    return (layer.weight.ndim == 4 and layer.group == 1
             and all(d == 1 for d in node.attrs.get("dilations", [1, 1]))
             and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
 

@@ -8,7 +8,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import Layer, with_weight_inputs
-from .runtime import graph_session, own_graph
+from .errors import InternalError
+from .runtime import graph_session, own_graph, with_header_of
 
 
 class Segments:
@@ -20,7 +21,7 @@ class Segments:
                  like: onnx.ModelProto):
         probe, self.weight_inputs = with_weight_inputs(graph, layers, [t.name for t in graph.outputs])
         probe.toposort()
-        model = gs.export_onnx(probe, do_type_check=False)
+        model = with_types(with_header_of(gs.export_onnx(probe, do_type_check=False), like))
         self.input_name = graph.inputs[0].name
         nodes = list(model.graph.node)
         position = {node.name: i for i, node in enumerate(nodes)}
@@ -82,8 +83,21 @@ def _node_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the element type of every tensor that crosses a cut: shape inference, and the types
+    of Constant nodes' values (inference leaves a tensor that only Constant makes untyped at some opsets)."""
+    model = onnx.shape_inference.infer_shapes(model)
+    known = {v.name for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]
+             if v.type.tensor_type.elem_type}
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is not None and node.output[0] not in known:
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], value.data_type, None))
+    return model
+
+
 def _value_info(name: str, types: dict[str, onnx.TypeProto]) -> onnx.ValueInfoProto:
-    """A value info with the tensor's element type and no shape (every chunk size fits); float if unknown."""
-    elem = types[name].tensor_type.elem_type if name in types and types[name].tensor_type.elem_type else (
-        onnx.TensorProto.FLOAT)
-    return onnx.helper.make_tensor_value_info(name, elem, None)
+    """A value info with the tensor's element type and no shape (every chunk size fits)."""
+    if name not in types or not types[name].tensor_type.elem_type:
+        raise InternalError(f"statistics matching: the type of tensor '{name}' is unknown")
+    return onnx.helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None)
