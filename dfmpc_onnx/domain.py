@@ -11,6 +11,7 @@ running statistics read back through the conv; else unit scale, with a note.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -63,8 +64,10 @@ def unit_domain(channels: int, source: str, channel_axis: int = 1) -> InputDomai
     return InputDomain(np.zeros(channels), np.ones(channels), source, channel_axis)
 
 
-def input_domain(graph: gs.Graph, shape: list, options: Options) -> InputDomain:
-    """The domain of ``graph``'s one input (of static ``shape`` after the batch dim); see the module."""
+def input_domain(graph: gs.Graph, shape: list, options: Options,
+                 predict: Callable[[np.ndarray], np.ndarray] | None = None) -> InputDomain:
+    """The domain of ``graph``'s one input (of static ``shape`` after the batch dim); see the module.
+    ``predict`` runs the float model (inputs -> first output), for ``_responsive_range``."""
     axis = _channel_axis(graph)
     channels = int(shape[axis]) if len(shape) > axis else 1
     if options.input_range is not None:
@@ -79,8 +82,38 @@ def input_domain(graph: gs.Graph, shape: list, options: Options) -> InputDomain:
         found = derive(graph, channels, axis, shape)
         if found is not None:
             return found
-    return unit_domain(channels, "no normalisation found in the model: unit scale assumed (give --input-range or "
+    unit = unit_domain(channels, "no normalisation found in the model: unit scale assumed (give --input-range or "
                                  "--input-mean/--input-std)", axis)
+    return _responsive_range(unit, shape, predict) if predict is not None else unit
+
+
+CANDIDATE_RANGES = ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0), (-128.0, 128.0))
+"""Input ranges tried, beside unit scale, for a model that says nothing of its input: [0, 1] and [-1, 1]
+images, raw pixels, raw pixels less their mean (Caffe)."""
+
+
+def _responsive_range(unit: InputDomain, shape: list, predict: Callable[[np.ndarray], np.ndarray]) -> InputDomain:
+    """Of unit scale and ``CANDIDATE_RANGES``, the domain in which a classifier's top-1 varies most over
+    seeded pink noise (entropy of the predicted classes): a model fed inputs far from its own range sees
+    them all alike and answers one class. Unit scale unless another clearly wins (or the output is not a
+    classifier's)."""
+    z = noise_batch([1] + list(shape[1:]), "pink", 32, 0) if unit.channel_axis == 1 else \
+        noise_batch([1, shape[3], shape[1], shape[2]], "pink", 32, 0).transpose(0, 2, 3, 1)
+    channels = len(unit.mean)
+    candidates = [unit] + [InputDomain(np.full(channels, (lo + hi) / 2), np.full(channels, (hi - lo) / 4),
+                                       f"the range [{lo:g}, {hi:g}], in which the model's top-1 varies most over pink "
+                                       "noise (no normalisation found in the model; --input-range sets it)",
+                                       unit.channel_axis, (lo, hi)) for lo, hi in CANDIDATE_RANGES]
+    scores = []
+    for domain in candidates:
+        scores_out = predict(domain.apply(z))
+        if scores_out.ndim != 2 or scores_out.shape[1] < 2:
+            return unit
+        counts = np.bincount(scores_out.argmax(axis=1), minlength=scores_out.shape[1])
+        p = counts[counts > 0] / len(z)
+        scores.append(float(-np.sum(p * np.log(p))))
+    best = int(np.argmax(scores))
+    return candidates[best] if scores[best] > scores[0] + 0.5 else unit
 
 
 def _per_channel(values: tuple[float, ...], channels: int, flag: str) -> np.ndarray:

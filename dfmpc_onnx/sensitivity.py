@@ -66,8 +66,10 @@ class OutputProbe:
 
 
 def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray, like: onnx.ModelProto) -> OutputProbe:
-    """An ``OutputProbe`` over ``graph`` (float, BatchNorm folded) whose ``layers`` can be changed."""
-    output_names = [t.name for t in graph.outputs]
+    """An ``OutputProbe`` over ``graph`` (float, BatchNorm folded) whose ``layers`` can be changed. An
+    output made by Softmax is probed before it: saturated probabilities hide how far the logits moved."""
+    output_names = [t.inputs[0].inputs[0].name if len(t.inputs) == 1 and t.inputs[0].op in ("Softmax", "LogSoftmax")
+                    else t.name for t in graph.outputs]
     probe_graph, weight_inputs = with_weight_inputs(graph, layers, output_names)
     session = graph_session(probe_graph, like, "the sensitivity probe")
     probe = OutputProbe(session, session.get_inputs()[0].name, output_names, weight_inputs, inputs,

@@ -9,21 +9,30 @@ import onnx
 
 from .distill import distill_inputs
 from .domain import InputDomain, input_domain
-from .errors import InputError
+from .errors import InputError, first_line
+from .fidelity import run_batches
 from .graph import import_graph
 from .inputs import synthesis_shape
 from .load import with_weights
 from .maths.noise import noise_batch
 from .options import SYNTHETIC_KINDS, Options, Plan
 from .progress import Console
-from .runtime import resolve_providers
+from .runtime import model_session, resolve_providers
 
 
 def model_domain(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
                  options: Options) -> InputDomain | None:
     """The input domain of the model (None when it cannot take synthetic inputs)."""
     shape = synthesis_shape(skeleton, shapes)
-    return None if isinstance(shape, str) else input_domain(import_graph(skeleton, weights), shape, options)
+    if isinstance(shape, str):
+        return None
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        try:
+            return run_batches(model_session(skeleton, ["CPUExecutionProvider"], weights), x)[0]
+        except Exception as err:  # onnxruntime's many error types
+            raise InputError(f"onnxruntime cannot run the input model on synthetic inputs: {first_line(err)}") from None
+    return input_domain(import_graph(skeleton, weights), shape, options, predict)
 
 
 def make_synthetic_inputs(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray],
