@@ -151,6 +151,7 @@ def main() -> int:
     parser.add_argument("--whole", action="store_true", help="also time the whole default command")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--key", default="distill", help="the README markers to write between (default distill)")
     args = parser.parse_args()
     if not all((SHARED / "data" / DATASETS[d]).exists() for d in args.data):
         print(f"skipped: {SHARED}/data lacks the CIFAR-10 test images", file=sys.stderr)
@@ -158,7 +159,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         results = run(args.models, args.configs, args.data, args.whole, Path(workdir), args.seeds, args.folded)
-    publish(markdown(results, args.data), results, args.out, "distill", args.readme)
+    publish(markdown(results, args.data), results, args.out, args.key, args.readme)
     return 0
 
 
