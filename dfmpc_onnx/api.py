@@ -47,19 +47,18 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     ``options`` (``options.Options``, or a scheme such as "2/6") and keyword arguments of the same names
     say how: ``scheme="2/6"`` (LOW/HIGH bits, "2" is ternary), ``target_bits=3.5``, ``format``,
     ``refine``, and the rest; each is documented on its field. ``auto`` values are resolved for this
-    model (``options.resolve``) and the report says what they became. ``synthetic_inputs`` (samples x input shape) replaces the generated
-    inputs, e.g. to distill once and reuse; ``console`` receives progress (``progress.Console``).
+    model (``options.resolve``) and the report says what they became. ``synthetic_inputs`` (samples x
+    input shape) replaces the generated inputs, e.g. to distill once and reuse; ``console`` receives
+    progress (``progress.Console``).
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
     options = _options(options, values)
     console = console or Console()
-    if options.check:
-        resolve_providers(options.providers)
     skeleton, weights = load_model(model)
     stopwatch = Stopwatch(initializer_bytes(skeleton) >= COLLECT_ABOVE_BYTES)
     shapes, shape_note = find_static_shape(skeleton, weights, resolve_input_shapes(skeleton, options.input_shapes))
     plan = resolve(options, model_facts(skeleton, shapes))
-    domain = model_domain(skeleton, weights, shapes, options)
+    domain = model_domain(skeleton, weights, shapes, options) if plan.needs_inputs or options.check else None
     inputs, plan = make_synthetic_inputs(skeleton, weights, shapes, plan, domain, synthetic_inputs, console)
     fidelity = fidelity_inputs(skeleton, shapes, inputs, plan, domain) if options.check else None
     reference = run_reference(skeleton, weights, options.providers, options.check_batch, shapes, fidelity) \
@@ -133,10 +132,13 @@ def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, opt
 
 
 def _options(given: Options | str | None, values: dict) -> Options:
-    """``given`` updated with ``values``; a string or ``Scheme`` in place of ``Options`` is the scheme."""
+    """``given`` updated with ``values`` (a string or ``Scheme`` in place of ``Options`` is the scheme),
+    its providers checked against this installation before any work."""
     if given is not None and not isinstance(given, Options):
-        return Options(**{"scheme": given, **values})
-    return Options(**{**vars_of(given), **values})
+        given, values = None, {"scheme": given, **values}
+    options = Options(**{**vars_of(given), **values})
+    resolve_providers(options.providers)
+    return options
 
 
 def vars_of(options: Options | OutputOptions | None) -> dict:

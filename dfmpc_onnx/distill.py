@@ -22,7 +22,7 @@ import onnx
 
 from .errors import InputError
 from .gradient_rules import RULES
-from .gradients import Builder, gradient_model, prepare_forward
+from .gradients import Builder, gradient_model, prepare_forward, static_shape
 from .domain import InputDomain, unit_domain
 from .maths.optimise import Adam, cosine_rate
 from .maths.priors import low_pass, squared_norm, total_variation
@@ -131,7 +131,7 @@ def logits_loss(b: Builder, graph: onnx.GraphProto) -> tuple[str, dict[str, str]
     """Cross-entropy of the logits z against the one-hot ``targets`` t, averaged over the batch of N:
     L = -sum t log softmax(z) / N, dL/dz = (softmax(z) - t) / N."""
     logits = graph.output[0].name
-    n = b.shapes[logits][0]
+    n = static_shape(b, logits)[0]
     loss = b.op("Mul", [b.op("ReduceSum", [b.op("Mul", ["targets", b.op("LogSoftmax", [logits], axis=1)])],
                              keepdims=0), b.const(-1.0 / n)])
     gradient = b.op("Mul", [b.op("Sub", [b.op("Softmax", [logits], axis=1), "targets"]), b.const(1.0 / n)])
@@ -148,7 +148,7 @@ def batchnorm_loss(b: Builder, graph: onnx.GraphProto) -> tuple[str, dict[str, s
         if node.op_type != "BatchNormalization":
             continue
         x = node.input[0]
-        shape = b.shapes[x]
+        shape = static_shape(b, x)
         axes = [0] + list(range(2, len(shape)))
         n = float(np.prod(shape)) / shape[1]
         keep = [1, -1] + [1] * (len(shape) - 2)

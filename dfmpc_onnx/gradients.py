@@ -98,11 +98,14 @@ def prepare_forward(model: onnx.ModelProto) -> onnx.ModelProto:
             model = version_converter.convert_version(model, GRADIENT_OPSET)
         except Exception as err:  # the converter raises several unrelated types
             raise InputError(f"the model cannot be converted to opset {GRADIENT_OPSET} ({first_line(err)})") from None
-    graph = fold_constant_subgraphs(gs.import_onnx(model))
+    graph = gs.import_onnx(model)
+    graph.inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]  # IR 3 lists initializers as inputs
+    graph = fold_constant_subgraphs(graph)
     for node in graph.nodes:
         if node.op == "MaxPool" and len(node.outputs) == 1:
             node.outputs.append(gs.Variable(node.outputs[0].name + "::indices", dtype=np.int64))
     folded = gs.export_onnx(graph, do_type_check=False)
+    folded.ir_version = max(folded.ir_version, helper.find_min_ir_version_for(list(folded.opset_import), True))
     del folded.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(folded, strict_mode=False, data_prop=True)
 

@@ -74,13 +74,17 @@ TERNARY_ONLY = ("optimal-pink", "twn-refit-distill")
 
 
 def distilled_inputs(source: Path, samples: int = 64, seed: int = 0) -> tuple[np.ndarray, float]:
-    """The tool's default distillation, run once per model and reused for every scheme; and its seconds."""
+    """The tool's default distillation (in the model's input domain), run once per model and reused for
+    every scheme; and its seconds."""
     from dfmpc_onnx.inputs import synthesis_shape
     from dfmpc_onnx.load import load_model
-    from dfmpc_onnx.synthetic import synthesize
+    from dfmpc_onnx.options import Options
+    from dfmpc_onnx.synthetic import model_domain, synthesize
     start = time.perf_counter()
     skeleton, weights = load_model(source)
-    inputs = synthesize(skeleton, weights, synthesis_shape(skeleton, {}), "distill", samples, seed)
+    options = Options(samples=samples, seed=seed)
+    domain = model_domain(skeleton, weights, {}, options)
+    inputs = synthesize(skeleton, weights, synthesis_shape(skeleton, {}), "distill", options, domain)
     return inputs, time.perf_counter() - start
 
 

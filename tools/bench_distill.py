@@ -34,7 +34,10 @@ from dfmpc_onnx.fold import fold_batchnorm
 from dfmpc_onnx.gradient_rules import RULES
 from dfmpc_onnx.gradients import gradient_model, prepare_forward
 from dfmpc_onnx.graph import import_graph
-from dfmpc_onnx.load import load_whole_model
+from dfmpc_onnx.inputs import synthesis_shape
+from dfmpc_onnx.load import load_model, load_whole_model
+from dfmpc_onnx.options import Options
+from dfmpc_onnx.synthetic import model_domain, standard_noise
 from dfmpc_onnx.runtime import graph_session
 
 
@@ -75,6 +78,15 @@ def folded_copy(path: Path, workdir: Path) -> Path:
     return out
 
 
+def start_noise(path: Path, samples: int, seed: int) -> tuple[np.ndarray, object]:
+    """Pink noise in the model's input domain, as the tool starts its distillation from, and the domain."""
+    skeleton, weights = load_model(path)
+    options = Options(samples=samples, seed=seed)
+    domain = model_domain(skeleton, weights, {}, options)
+    shape = synthesis_shape(skeleton, {})
+    return domain.apply(standard_noise(shape, "pink", samples, seed, domain.channel_axis)), domain
+
+
 def parse_config(text: str) -> tuple[dict, dict]:
     """"steps=150,rate=0.2,refine=stats" as (``distill_inputs`` keywords, ``quantize`` keywords)."""
     distill, tool = {}, {}
@@ -109,7 +121,8 @@ def run(models: list[str], configs: list[str], datasets: list[str], whole: bool,
             start = time.perf_counter()
             x = None
             if tool.get("synthetic") != "pink":
-                x = distill_inputs(model, samples, seed, **settings)
+                start, domain = start_noise(path, samples, seed)
+                x = distill_inputs(model, start, seed, domain=domain, **settings)
                 tool = {"synthetic": "distill", "synthetic_inputs": x, **tool}
             seconds = time.perf_counter() - start
             out = workdir / "out.onnx"

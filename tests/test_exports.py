@@ -1,0 +1,156 @@
+"""Third-party-like exports at opsets 7 to 21 (random weights, real structure): the shape arithmetic
+exporters put around convs, weights as initializers, graph inputs or Constant nodes, dynamic H/W,
+normalisation in the graph, squeeze-excite, 1-D and 3-D convs. Every one is quantized with refinement and
+the fidelity check, keeps its dynamic dims, and runs in onnxruntime."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dfmpc_onnx import quantize
+
+OPSETS = (7, 9, 11, 12, 13, 17, 21)
+
+
+class Export:
+    """An exporter's graph at one opset, each op in the form that opset wants."""
+
+    def __init__(self, opset: int, weights: str, seed: int = 0):
+        self.opset, self.weights, self.rng = opset, weights, np.random.default_rng(seed)
+        self.nodes, self.initializers, self.inputs, self.count = [], [], [], 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(self, value, dtype=np.float32, weight: bool = False) -> str:
+        name = self.name("c")
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+        if weight and self.weights == "constants":
+            self.nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+        else:
+            self.initializers.append(tensor)
+            if weight and self.weights == "inputs":
+                self.inputs.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+        return name
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, group: int = 1, rank: int = 2) -> str:
+        w = self.const(self.rng.normal(0, 0.3, (cout, cin // group) + (k,) * rank), weight=True)
+        b = self.const(self.rng.normal(0, 0.1, cout), weight=True)
+        return self.node("Conv", [x, w, b], pads=[k // 2] * 2 * rank, group=group)
+
+    def bn(self, x: str, c: int) -> str:
+        params = [self.const(v, weight=True) for v in (self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.2, c),
+                                                       self.rng.normal(0, 0.2, c), self.rng.uniform(0.5, 2, c))]
+        return self.node("BatchNormalization", [x] + params)
+
+    def reduce_mean(self, x: str, axes: list[int]) -> str:
+        if self.opset >= 18:
+            return self.node("ReduceMean", [x, self.const(axes, np.int64)], keepdims=1)
+        return self.node("ReduceMean", [x], axes=axes, keepdims=1)
+
+    def pad(self, x: str, pads: list[int]) -> str:
+        if self.opset < 11:
+            return self.node("Pad", [x], pads=pads, mode="constant")
+        return self.node("Pad", [x, self.const(pads, np.int64)], mode="constant")
+
+    def slice(self, x: str, starts: list[int], ends: list[int], axes: list[int]) -> str:
+        if self.opset < 10:
+            return self.node("Slice", [x], starts=starts, ends=ends, axes=axes)
+        return self.node("Slice", [x] + [self.const(v, np.int64) for v in (starts, ends, axes)])
+
+    def upsample(self, x: str) -> str:
+        scales = [1.0, 1.0, 2.0, 2.0]
+        if self.opset < 9:
+            return self.node("Upsample", [x], scales=scales, mode="nearest")
+        if self.opset == 9:
+            return self.node("Upsample", [x, self.const(scales)], mode="nearest")
+        roi = [self.const([], np.float32)] if self.opset >= 11 else []
+        return self.node("Resize", [x] + roi + [self.const(scales)], mode="nearest")
+
+    def flatten_by_shape(self, x: str) -> str:
+        """Reshape to (N, -1) with N from Shape/Gather/Unsqueeze/Concat, as torch.onnx writes ``x.view(x.size(0), -1)``."""
+        batch = self.node("Gather", [self.node("Shape", [x]), self.const(0, np.int64)], axis=0)
+        batch = self.node("Unsqueeze", [batch], axes=[0]) if self.opset < 13 else \
+            self.node("Unsqueeze", [batch, self.const([0], np.int64)])
+        return self.node("Reshape", [x, self.node("Concat", [batch, self.const([-1], np.int64)], axis=0)])
+
+    def model(self, x: onnx.ValueInfoProto, output: str, output_shape: list) -> onnx.ModelProto:
+        y = helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)
+        ir = {7: 3, 9: 4, 11: 6, 12: 7, 13: 7}.get(self.opset, 8)
+        if ir < 4:  # IR 3 lists every initializer among the graph inputs
+            listed = {i.name for i in self.inputs}
+            self.inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                            for t in self.initializers if t.name not in listed]
+        graph = helper.make_graph(self.nodes, f"export{self.opset}", [x] + self.inputs, [y], self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=ir)
+        onnx.checker.check_model(model)
+        return model
+
+
+def classifier(opset: int, weights: str = "initializers", dynamic_hw: bool = False, batchnorm: bool = True) -> onnx.ModelProto:
+    """Normalisation, conv stem, a block with padding, a squeeze-excite, an upsample and a slice; a head
+    flattened by shape arithmetic."""
+    e = Export(opset, weights)
+    x = e.node("Div", [e.node("Sub", ["x", e.const(np.full((1, 3, 1, 1), 120.0))]), e.const(np.full((1, 3, 1, 1), 60.0))])
+    x = e.node("Relu", [e.bn(e.conv(x, 3, 8), 8) if batchnorm else e.conv(x, 3, 8)])
+    x = e.node("Relu", [e.conv(e.pad(x, [0, 0, 1, 1, 0, 0, 1, 1]), 8, 8)])
+    squeeze = e.node("Sigmoid", [e.conv(e.node("Relu", [e.conv(e.reduce_mean(x, [2, 3]), 8, 4, k=1)]), 4, 8, k=1)])
+    x = e.node("Mul", [x, squeeze])
+    x = e.slice(e.upsample(e.conv(x, 8, 8)), [0, 0], [1000, 1000], [2, 3])
+    x = e.node("MaxPool", [e.node("Relu", [x])], kernel_shape=[2, 2], strides=[2, 2])
+    x = e.flatten_by_shape(e.node("GlobalAveragePool", [x]))
+    w, b = e.const(e.rng.normal(0, 0.3, (10, 8)), weight=True), e.const(e.rng.normal(0, 0.1, 10), weight=True)
+    out = e.node("Gemm", [x, w, b], transB=1)
+    dims = ["N", 3, "H", "W"] if dynamic_hw else ["N", 3, 16, 16]
+    return e.model(helper.make_tensor_value_info("x", TensorProto.FLOAT, dims), out, ["N", 10])
+
+
+def conv_nd(rank: int) -> onnx.ModelProto:
+    e = Export(13, "initializers")
+    x = e.node("Relu", [e.bn(e.conv("x", 3, 8, rank=rank), 8)])
+    x = e.node("Relu", [e.bn(e.conv(x, 8, 8, rank=rank), 8)])
+    out = e.conv(x, 8, 4, rank=rank)
+    return e.model(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3] + [8] * rank), out,
+                   ["N", 4] + [8] * rank)
+
+
+def check_runs(model: onnx.ModelProto, shape: list[int]):
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == "N"
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)})[0]
+    assert out.shape[0] == shape[0] and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("weights", ["initializers", "inputs", "constants"])
+def test_exports_at_every_opset_quantize_refine_and_check(opset, weights):
+    model, report = quantize(classifier(opset, weights), "4/8", samples=8)
+    assert report.refine in ("stats", "refit") and report.fidelity is not None
+    assert "normalisation at the input" in report.input_domain and "120" in report.input_domain
+    assert report.count("float") == 0 and report.count("high") >= 1
+    check_runs(model, [2, 3, 16, 16])
+
+
+@pytest.mark.parametrize("opset", (11, 17))
+def test_dynamic_height_and_width_find_a_size_and_stay_dynamic(opset):
+    model, report = quantize(classifier(opset, dynamic_hw=True, batchnorm=False), "4/8", samples=8)
+    assert any("is dynamic: used 1,3,224,224" in note for note in report.notes)
+    assert report.fidelity is not None and report.synthetic == "pink"
+    check_runs(model, [2, 3, 40, 24])
+
+
+@pytest.mark.parametrize("rank", (1, 3))
+def test_one_and_three_dimensional_convs(rank):
+    for refine in ("stats", "refit", "bias"):
+        model, report = quantize(conv_nd(rank), "2/6", refine=refine, samples=8, keep_first=False)
+        assert report.pairs and report.refine == refine
+        check_runs(model, [2, 3] + [8] * rank)
