@@ -131,6 +131,9 @@ def logits_loss(b: Builder, graph: onnx.GraphProto) -> tuple[str, dict[str, str]
     """Cross-entropy of the logits z against the one-hot ``targets`` t, averaged over the batch of N:
     L = -sum t log softmax(z) / N, dL/dz = (softmax(z) - t) / N."""
     logits = graph.output[0].name
+    producer = next((node for node in graph.node if logits in node.output), None)
+    if producer is not None and producer.op_type == "Softmax":
+        logits = producer.input[0]  # a classifier that outputs probabilities: its logits are before the Softmax
     n = static_shape(b, logits)[0]
     loss = b.op("Mul", [b.op("ReduceSum", [b.op("Mul", ["targets", b.op("LogSoftmax", [logits], axis=1)])],
                              keepdims=0), b.const(-1.0 / n)])

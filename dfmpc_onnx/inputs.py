@@ -74,8 +74,28 @@ def synthesis_shape(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) 
 def model_facts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> ModelFacts:
     """What the resolution of ``auto`` options needs to know of ``model``."""
     shape = synthesis_shape(model, shapes)
+    outputs = [declared_shape(o) for o in model.graph.output]
+    classifier = len(outputs) == 1 and len(outputs[0]) == 2 and isinstance(outputs[0][1], int) and outputs[0][1] >= 2
     return ModelFacts(has_batchnorm=any(node.op_type == "BatchNormalization" for node in model.graph.node),
-                      obstacle=shape if isinstance(shape, str) else None)
+                      obstacle=shape if isinstance(shape, str) else None, classifier=classifier,
+                      macs=multiply_accumulates(model))
+
+
+def multiply_accumulates(model: onnx.ModelProto) -> float | None:
+    """Multiply-accumulates per input of the model's Conv, Gemm and MatMul nodes, from the inferred
+    shapes of their outputs and weights; None if a shape is unknown."""
+    shapes = {v.name: declared_shape(v) for v in [*model.graph.value_info, *model.graph.output]}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    total = 0.0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        out, weight = shapes.get(node.output[0]), weights.get(node.input[1])
+        if out is None or weight is None or not all(isinstance(d, int) for d in out[1:]):
+            return None
+        fan_in = int(np.prod(weight[1:])) if node.op_type == "Conv" else int(np.prod(weight)) // int(out[-1])
+        total += float(np.prod(out[1:])) * fan_in
+    return total
 
 
 

@@ -103,7 +103,8 @@ class Options:
                                     "that the model's BatchNorm layers see their running statistics, or, in a "
                                     "classifier without BatchNorm, so that each input is classified as a chosen "
                                     "class under image priors (run by onnxruntime, on --providers). auto: distill "
-                                    "when the model has BatchNorm statistics, else pink",
+                                    "when the model has BatchNorm statistics or is a classifier of at most 0.25 "
+                                    "GMAC per input, else pink",
                             choices=("auto", "pink", "noise", "distill"))
     input_mean: tuple[float, ...] = option((), "the mean of the model's input per channel (comma-separated, or one "
                                                 "value for all), for the synthetic inputs; default: from the model",
@@ -254,6 +255,16 @@ class ModelFacts:
     has_batchnorm: bool
     obstacle: str | None
     """Why the model cannot take synthetic inputs (several inputs, dynamic dims), or None."""
+    classifier: bool = False
+    """One output of shape (batch, classes)."""
+    macs: float | None = None
+    """Multiply-accumulates of the weighted layers per input, where the shapes say."""
+
+
+DISTILL_MACS = 2.5e8
+"""The largest classifier without BatchNorm statistics that ``--synthetic auto`` distils: each step is a
+forward and a backward pass of the batch, and a 0.125 GMAC CIFAR ResNet-56 takes about half a minute on
+two cores, a 0.4 GMAC EfficientNet-Lite0 at 224 x 224 about eight minutes for no gain (README)."""
 
 
 @dataclass(frozen=True)
@@ -288,7 +299,12 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     decisions = []
     synthetic = options.synthetic
     if synthetic == "auto":
-        synthetic = "distill" if facts.has_batchnorm else "pink"
+        small = facts.classifier and facts.macs is not None and facts.macs <= DISTILL_MACS
+        synthetic = "distill" if facts.has_batchnorm or small else "pink"
+        if not facts.has_batchnorm and facts.classifier and not small:
+            size = f"{facts.macs / 1e9:.2f} GMAC per input" if facts.macs else "unknown size"
+            decisions.append(f"no BatchNorm statistics: pink noise rather than distillation, which for a classifier "
+                             f"of {size} may take many minutes (--synthetic distill runs it)")
     refine = options.refine
     if refine == "auto":
         # least squares on noise hurts (README, "Results"), and refinement needs producer placement

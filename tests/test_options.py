@@ -151,3 +151,24 @@ def test_the_readme_options_table_is_the_generated_one():
     finally:
         sys.path.remove(str(root / "tools"))
     assert module.table() in (root / "README.md").read_text(), "run python tools/options_table.py --readme"
+
+
+@pytest.mark.parametrize("facts,expected", [
+    (ModelFacts(False, None, classifier=True, macs=1.3e8), ("distill", "refit")),
+    (ModelFacts(False, None, classifier=True, macs=4e8), ("pink", "stats")),
+    (ModelFacts(False, None, classifier=True, macs=None), ("pink", "stats")),
+    (ModelFacts(False, None, classifier=False, macs=1e6), ("pink", "stats")),
+    (ModelFacts(True, None, classifier=False, macs=4e9), ("distill", "refit")),
+])
+def test_auto_distils_small_classifiers_without_batchnorm(facts, expected):
+    plan = resolve(Options(), facts)
+    assert (plan.synthetic, plan.refine) == expected
+    if facts.classifier and not facts.has_batchnorm and expected[0] == "pink":
+        assert "--synthetic distill runs it" in plan.decisions[0]
+
+
+def test_model_facts_count_multiply_accumulates():
+    from dfmpc_onnx.inputs import model_facts
+    from dfmpc_onnx.load import load_whole_model
+    facts = model_facts(load_whole_model(chain_model()), {})  # stem 3->8 and four 8->8 3x3 convs on 8x8, fc 8->10
+    assert facts.classifier and facts.macs == 64 * (8 * 27 + 4 * 8 * 72) + 80
