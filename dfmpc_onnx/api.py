@@ -24,6 +24,7 @@ from .load import load_model
 from .options import Options, OutputOptions, resolve
 from .pairs import find_pairs, kept_out_of_pairs
 from .plan import compensate_layers, quantize_layers
+from .precision import as_float32
 from .progress import Console
 from .refine import refine
 from .relu6 import relax_relu6
@@ -54,7 +55,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     """
     options = _options(options, values)
     console = console or Console()
-    skeleton, weights = load_model(model)
+    skeleton, weights, half = as_float32(*load_model(model))
     stopwatch = Stopwatch(initializer_bytes(skeleton) >= COLLECT_ABOVE_BYTES)
     shapes, shape_note = find_static_shape(skeleton, weights, resolve_input_shapes(skeleton, options.input_shapes))
     plan = resolve(options, model_facts(skeleton, shapes))
@@ -63,7 +64,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     fidelity = fidelity_inputs(skeleton, shapes, inputs, plan, domain) if options.check else None
     reference = run_reference(skeleton, weights, options.providers, options.check_batch, shapes, fidelity) \
         if options.check or plan.needs_inputs else None
-    working, upgrade_note = upgrade_for_storage(skeleton, plan)
+    working, upgrade_note = upgrade_for_storage(skeleton, plan, half)
     stopwatch.lap("load")
 
     graph = import_graph(working, weights)
@@ -88,14 +89,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch.lap("refine")
 
     emit(graph, qlayers, search.pairs, options.format, options.placement)
-    result = assemble_model(graph, working)
+    result = assemble_model(graph, working, half)
     table = layer_reports(graph, qlayers, left_float)
     del graph, qlayers, layers  # the float weights are no longer needed
     stopwatch.lap("emit")
     check = check_model(reference, result, options.min_agreement) if options.check else None
     stopwatch.lap("check")
 
-    notes = [note for note in (shape_note, upgrade_note, relu6_note, allocation_note) if note]
+    half_note = "float16 model: quantized in float32, written back in float16" if half else None
+    notes = [note for note in (half_note, shape_note, upgrade_note, relu6_note, allocation_note) if note]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table,
                                replaced_clips, notes, check, stopwatch.timings, domain)
 

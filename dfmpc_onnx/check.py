@@ -144,8 +144,10 @@ def _compare(reference: ReferenceRun, candidate: onnx.ModelProto) -> CheckResult
             session = ort.InferenceSession(source, session_options(lean=True), providers=list(reference.providers))
         except Exception as err:
             raise CheckError(f"onnxruntime cannot load the quantized model: {first_line(err)}") from None
+    types = {spec.name: _NUMPY_TYPES.get(spec.type) for spec in session.get_inputs()}
+    feed = {name: value.astype(types.get(name) or value.dtype) for name, value in reference.feed.items()}
     try:
-        outputs = session.run(None, reference.feed)
+        outputs = session.run(None, feed)
     except Exception as err:
         raise CheckError(f"onnxruntime cannot run the quantized model: {first_line(err)}") from None
     agreements = []

@@ -85,5 +85,6 @@ def run_batches(session: ort.InferenceSession, inputs: np.ndarray) -> list[np.nd
     concatenated."""
     spec = session.get_inputs()[0]
     chunk = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else 32
+    inputs = inputs.astype(np.float16) if spec.type == "tensor(float16)" else inputs
     parts = [session.run(None, {spec.name: inputs[start:start + chunk]}) for start in range(0, len(inputs), chunk)]
     return [np.concatenate([np.asarray(part[i]) for part in parts]) for i in range(len(parts[0]))]

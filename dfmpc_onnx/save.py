@@ -15,13 +15,14 @@ import onnx_graphsurgeon as gs
 
 from .errors import InputError
 from .load import external_data_files
+from .precision import to_float16
 from .report import initializer_bytes
 from .runtime import PROTOBUF_LIMIT, loadable_ir_version
 
 
-def assemble_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+def assemble_model(graph: gs.Graph, original: onnx.ModelProto, half: bool = False) -> onnx.ModelProto:
     """The rewritten graph as a model with the original's opsets and metadata and an IR version onnxruntime
-    reads."""
+    reads; in float16 again when ``half`` (``precision.py``)."""
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]
@@ -32,7 +33,7 @@ def assemble_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProt
     model.doc_string = original.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
-    return model
+    return to_float16(model) if half else model
 
 
 def external_data_path(destination: Path) -> Path:

@@ -111,17 +111,22 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def required_opset(plan: Plan) -> int:
+FLOAT16_SCALES_OPSET = 19
+"""The first opset whose DequantizeLinear takes float16 scales (a float16 model's weights)."""
+
+
+def required_opset(plan: Plan, half: bool = False) -> int:
     """The opset whose DequantizeLinear takes every storage type the plan may write (INT2 and UINT2: 25,
-    INT4: 21): the scheme's two widths, or every width ``--target-bits`` may choose."""
+    INT4: 21): the scheme's two widths, or every width ``--target-bits`` may choose; and float16 scales
+    when ``half``."""
     widths = (plan.scheme.low, plan.scheme.high) if plan.scheme is not None else WIDTHS
-    return max(storage_opset(bits) for bits in widths)
+    return max([storage_opset(bits) for bits in widths] + [FLOAT16_SCALES_OPSET if half else 0])
 
 
-def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, str | None]:
+def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan, half: bool = False) -> tuple[onnx.ModelProto, str | None]:
     """``skeleton`` converted to ``required_opset`` when qdq storage needs it and some layer will be
     quantized, and a note saying so (else the skeleton as it is, and None)."""
-    opset, needed = default_opset(skeleton), required_opset(plan)
+    opset, needed = default_opset(skeleton), required_opset(plan, half)
     if plan.options.format != "qdq" or opset >= needed or not has_float32_weights(skeleton):
         return skeleton, None
     try:

@@ -154,3 +154,24 @@ def test_one_and_three_dimensional_convs(rank):
         model, report = quantize(conv_nd(rank), "2/6", refine=refine, samples=8, keep_first=False)
         assert report.pairs and report.refine == refine
         check_runs(model, [2, 3] + [8] * rank)
+
+
+def float16_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every float32 tensor in float16, as a float16 export."""
+    from dfmpc_onnx.precision import to_float16
+    return to_float16(model)
+
+
+@pytest.mark.parametrize("scheme", ("4/8", "8/8", "2/6"))
+def test_float16_models_are_quantized_and_stay_float16(scheme):
+    model = float16_model(classifier(17))
+    quantized, report = quantize(model, scheme, samples=8)
+    assert report.count("float") == 0 and report.count("high") >= 1 and report.fidelity is not None
+    assert quantized.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert quantized.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    resize_inputs = {name for n in quantized.graph.node if n.op_type == "Resize" for name in n.input[1:]}
+    assert not [t.name for t in quantized.graph.initializer if t.data_type == TensorProto.FLOAT
+                and t.name not in resize_inputs]
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(0, 255, (2, 3, 16, 16)).astype(np.float16)
+    assert np.all(np.isfinite(session.run(None, {"x": x})[0]))
