@@ -305,6 +305,7 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
             size = f"{facts.macs / 1e9:.2f} GMAC per input" if facts.macs else "unknown size"
             decisions.append(f"no BatchNorm statistics: pink noise rather than distillation, which for a classifier "
                              f"of {size} may take many minutes (--synthetic distill runs it)")
+    decisions = decisions if options.refine in ("auto", "stats", "refit") or options.target_bits else []
     refine = options.refine
     if refine == "auto":
         # least squares on noise hurts (README, "Results"), and refinement needs producer placement

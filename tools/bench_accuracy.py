@@ -62,7 +62,7 @@ METHODS = {
     "closed-form": ("DF-MPC closed form, per-channel k-bit scales", dict(refine="none")),
     "bias": ("DF-MPC + BN bias correction", dict(refine="bias")),
     "stats-noise": ("DF-MPC + stats, white noise", dict(refine="stats", synthetic="noise")),
-    "stats-pink": ("DF-MPC + stats, pink noise (the default without BatchNorm statistics)", dict(refine="stats", synthetic="pink")),
+    "stats-pink": ("DF-MPC + stats, pink noise", dict(refine="stats", synthetic="pink")),
     "stats-distill": ("DF-MPC + stats, distilled", dict(refine="stats", synthetic="distill")),
     "refit-distill": ("DF-MPC + refit, distilled (default)", dict(refine="refit", synthetic="distill")),
     "optimal-pink": ("DF-MPC, optimal ternary + stats, pink noise",

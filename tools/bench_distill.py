@@ -121,8 +121,8 @@ def run(models: list[str], configs: list[str], datasets: list[str], whole: bool,
             start = time.perf_counter()
             x = None
             if tool.get("synthetic") != "pink":
-                start, domain = start_noise(path, samples, seed)
-                x = distill_inputs(model, start, seed, domain=domain, **settings)
+                noise, domain = start_noise(path, samples, seed)
+                x = distill_inputs(model, noise, seed, domain=domain, **settings)
                 tool = {"synthetic": "distill", "synthetic_inputs": x, **tool}
             seconds = time.perf_counter() - start
             out = workdir / "out.onnx"

@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table and JSON")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its imagenet markers")
+    parser.add_argument("--key", default="imagenet", help="the README markers to write between (default imagenet)")
     args = parser.parse_args()
     if not MODEL.exists() or not DATA.exists():
         print(f"skipped: {MODEL} or {DATA} is absent", file=sys.stderr)
@@ -107,7 +108,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         results = run(args.schemes, args.relu6, Path(workdir), args.variants)
-    publish(markdown(results), results, args.out, "imagenet", args.readme)
+    publish(markdown(results), results, args.out, args.key, args.readme)
     return 0
 
 
