@@ -12,6 +12,7 @@ saved, until the average stored bits per weight reach the budget.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from .options import WIDTHS, Plan
 from .pairs import Pair, PairSearch
 from .plan import compensated, layer_compensation, quantize_layer, scheme_bits
 from .progress import Console
-from .sensitivity import output_probe
+from .sensitivity import Weights, output_probe
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,97 @@ def _refill(units: list[Unit], sizes: dict[str, int], noise: dict[tuple[int, tup
         spare -= added
 
 
+class UnitWeights:
+    """Each unit's layers at a width as they would compute with the paper's compensation and no refinement
+    (c on each producer), cached per (layer, bits)."""
+
+    def __init__(self, layers: dict[str, Layer], plan: Plan):
+        self.layers, self.plan = layers, plan
+        self.cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def layer(self, name: str, b: int, with_c: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Layer ``name`` at ``b`` bits, with the producer's c when ``with_c``: (weight, bias)."""
+        if (name, b, with_c) not in self.cache:
+            layer = self.layers[name]
+            q = quantize_layer(layer, b, self.plan)
+            c = layer_compensation(layer, q, self.plan.options) if with_c and self.plan.options.compensate else None
+            q, bias = compensated(q, layer.bias, c)
+            self.cache[name, b, with_c] = (from_rows(q.dequantize(), layer.weight.shape, layer.out_axis), bias)
+        return self.cache[name, b, with_c]
+
+    def unit(self, unit: Unit, option: tuple[int, int]) -> Weights:
+        """Every layer of ``unit`` at ``option`` (producer bits, consumer bits)."""
+        found = {unit.consumer: self.layer(unit.consumer, option[1], False)}
+        found.update({p: self.layer(p, option[0], True) for p in unit.producers})
+        return found
+
+    def allocation(self, units: list[Unit], choice: dict[int, tuple[int, int]]) -> Weights:
+        return {k: v for i, option in choice.items() for k, v in self.unit(units[i], option).items()}
+
+
+@dataclass(frozen=True)
+class Protection:
+    """One pair consumer's LOW producers, measured alone: the output SQNR with them at LOW (with c) and the
+    rest of the model float, and whether the unit was raised to HIGH/HIGH."""
+
+    producers: tuple[str, ...]
+    consumer: str
+    sqnr_db: float
+    raised: bool
+
+
 def choose_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], search: PairSearch,
-                inputs: np.ndarray | None, plan: Plan, console: Console) -> tuple[dict[str, int], str | None]:
-    """Bits per layer: the scheme's (LOW for pair producers, HIGH for the rest), or under ``--target-bits``
-    the allocation of ``allocate_bits`` and a note giving it."""
-    if plan.scheme is not None:
-        return scheme_bits(search, layers, plan.scheme), None
-    return allocate_bits(graph, like, layers, search.pairs, inputs, plan, console)
+                inputs: np.ndarray | None, plan: Plan,
+                console: Console) -> tuple[dict[str, int], list[Protection], str | None]:
+    """Bits per layer: the scheme's (LOW for pair producers, HIGH for the rest, with the pairs that
+    ``protect_pairs`` raises at HIGH), or under ``--target-bits`` the allocation of ``allocate_bits``;
+    also the protection measured and a note."""
+    if plan.scheme is None:
+        bits, note = allocate_bits(graph, like, layers, search.pairs, inputs, plan, console)
+        return bits, [], note
+    bits = scheme_bits(search, layers, plan.scheme)
+    if not plan.protect or not search.pairs or inputs is None:
+        return bits, [], None
+    protection = protect_pairs(graph, like, layers, search.pairs, inputs, plan, console)
+    for unit in protection:
+        if unit.raised:
+            bits.update({p: plan.scheme.high for p in unit.producers})
+    return bits, protection, _protection_note(protection, plan)
+
+
+def protect_pairs(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], pairs: tuple[Pair, ...],
+                  inputs: np.ndarray, plan: Plan, console: Console) -> list[Protection]:
+    """``--protect DB``: each pair consumer's LOW producers alone (the consumer at HIGH, every other layer
+    float), scored by the output SQNR on ``inputs``; a unit below DB is raised to HIGH/HIGH when that
+    scores higher. What a fixed scheme cannot carry is usually one or two pairs whose producer's error the
+    consumer cannot absorb; the rest of the model keeps the scheme."""
+    units = [unit for unit in make_units(list(layers), pairs) if unit.producers]
+    probe = output_probe(graph, layers, inputs, like)
+    weights = UnitWeights(layers, plan)
+    low, high = plan.scheme.low, plan.scheme.high
+    progress = console.progress("protect", len(units), "pairs measured")
+    found = []
+    for unit in units:
+        sqnr = _sqnr_db(*probe.noise(weights.unit(unit, (low, high))))
+        raised = sqnr < plan.options.protect and _sqnr_db(*probe.noise(weights.unit(unit, (high, high)))) > sqnr
+        found.append(Protection(unit.producers, unit.consumer, round(sqnr, 2), raised))
+        progress.advance()
+    return found
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    return float("inf") if noise <= 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+def _protection_note(protection: list[Protection], plan: Plan) -> str:
+    raised = [unit for unit in protection if unit.raised]
+    worst = min(protection, key=lambda unit: unit.sqnr_db)
+    head = (f"--protect {plan.options.protect:g}: {len(raised)} of {len(protection)} pair consumers' LOW producers "
+            f"raised to {plan.scheme.high} bits")
+    if raised:
+        return head + ": " + ", ".join(f"{'+'.join(u.producers)} -> {u.consumer} ({u.sqnr_db:.1f} dB alone)"
+                                       for u in raised)
+    return head + f" (the costliest alone: {worst.sqnr_db:.1f} dB)"
 
 
 def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], pairs: tuple[Pair, ...],
@@ -140,34 +225,16 @@ def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Laye
     units = make_units(list(layers), pairs)
     sizes = {name: int(layer.weight.size) for name, layer in layers.items()}
     probe = output_probe(graph, layers, inputs, like)
-    cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None]] = {}
-
-    def weights(name: str, b: int, with_c: bool) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-        """The layer at ``b`` bits as it would compute, with the producer's c when ``with_c``."""
-        if (name, b, with_c) not in cache:
-            layer = layers[name]
-            q = quantize_layer(layer, b, plan)
-            c = layer_compensation(layer, q, plan.options) if with_c and plan.options.compensate else None
-            q, bias = compensated(q, layer.bias, c)
-            cache[name, b, with_c] = (from_rows(q.dequantize(), layer.weight.shape, layer.out_axis), bias)
-        return {name: cache[name, b, with_c]}
-
-    def changes(i: int, option: tuple[int, int]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-        found = weights(units[i].consumer, option[1], False)
-        for producer in units[i].producers:
-            found.update(weights(producer, option[0], True))
-        return found
-
+    weights = UnitWeights(layers, plan)
     noise = {}
     progress = console.progress("target bits", len(units), "units measured at each width")
     for i, unit in enumerate(units):
         for option in unit.options():
-            noise[i, option] = probe.noise(changes(i, option))[1]
+            noise[i, option] = probe.noise(weights.unit(unit, option))[1]
         progress.advance()
     budget = plan.options.target_bits
     candidates = [greedy_allocation(units, sizes, noise, budget)] + uniform_allocations(units, sizes, budget)
-    joint = [probe.noise({k: v for i, option in choice.items() for k, v in changes(i, option).items()})[1]
-             for choice in candidates]
+    joint = [probe.noise(weights.allocation(units, choice))[1] for choice in candidates]
     choice = candidates[int(np.argmin(joint))]
     bits = {}
     for i, unit in enumerate(units):

@@ -35,6 +35,7 @@ from .save import (assemble_model, check_output_path, check_report_path, externa
 from .storage import upgrade_for_storage
 from .synthetic import fidelity_inputs, make_synthetic_inputs, model_domain
 
+HALF_NOTE = "float16 model: quantized in float32, written back in float16"
 COLLECT_ABOVE_BYTES = 256 << 20
 """Weights from which each stage ends with a garbage collection: below it, the replaced weights that
 wait for the cycle collector cost less memory than the collections cost time."""
@@ -80,7 +81,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
                         options.relu6)
     stopwatch.lap("pairs")
 
-    bits, allocation_note = choose_bits(graph, working, layers, search, inputs, plan, console)
+    bits, protection, allocation_note = choose_bits(graph, working, layers, search, inputs, plan, console)
     qlayers = quantize_layers(layers, search, bits, plan)
     stopwatch.lap("quantize")
     qlayers = compensate_layers(qlayers, options)
@@ -88,7 +89,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     qlayers = refine(graph, qlayers, folding.preactivation, inputs, plan, working, console)
     stopwatch.lap("refine")
 
-    emit(graph, qlayers, search.pairs, options.format, options.placement)
+    emit(graph, qlayers, search.pairs, options.format, options.placement, options.storage)
     result = assemble_model(graph, working, half)
     table = layer_reports(graph, qlayers, left_float)
     del graph, qlayers, layers  # the float weights are no longer needed
@@ -96,10 +97,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     check = check_model(reference, result, options.min_agreement) if options.check else None
     stopwatch.lap("check")
 
-    half_note = "float16 model: quantized in float32, written back in float16" if half else None
-    notes = [note for note in (half_note, shape_note, upgrade_note, relu6_note, allocation_note) if note]
+    notes = [note for note in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note) if note]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table,
-                               replaced_clips, notes, check, stopwatch.timings, domain)
+                               replaced_clips, notes, check, stopwatch.timings, domain,
+                               protection)
 
 
 def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, options: Options | None = None,

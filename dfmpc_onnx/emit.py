@@ -21,14 +21,15 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from .graph import Layer, NameSource, from_rows, replace_list
 from .pairs import Pair
 from .plan import QuantizedLayer
-from .storage import packed_tensor, split_codes, storage_parts, stored_rows
+from .storage import packed_tensor, split_codes, storage_parts, stored_rows, stores_offset
 
 
 def emit(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], pairs: tuple[Pair, ...], format: str,
-         placement: str) -> None:
-    """Rewrite ``graph`` in place with every quantized layer in ``format`` (qdq or float)."""
+         placement: str, storage: str = "exact") -> None:
+    """Rewrite ``graph`` in place with every quantized layer in ``format`` (qdq, its integers stored as
+    ``storage`` says, or float)."""
     if format == "qdq":
-        emit_qdq(graph, qlayers)
+        emit_qdq(graph, qlayers, storage)
     else:
         emit_float(graph, qlayers, pairs, placement)
 
@@ -83,18 +84,18 @@ def emit_float(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], pairs: tuple
         _set_bias(graph, names, layer, bias)
 
 
-def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
+def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str = "exact") -> None:
     """Feed each quantized layer's weight through DequantizeLinear(integers, scale) nodes, in place.
 
     The compensation is placed on the producer. Each weight is stored as
-    ``storage_parts`` says, with one DequantizeLinear per part and Adds. The
+    ``storage_parts(bits, storage)`` says, with one DequantizeLinear per part and Adds. The
     graph's opset must be at least ``storage_opset`` of every layer's bits.
     """
     names = NameSource(graph)
     for name, ql in qlayers.items():
         q, bias = ql.weight, ql.bias
         layer = ql.layer
-        parts = storage_parts(q.bits)
+        parts = storage_parts(q.bits, storage)
         base_step = parts[-1][1]
         scale = q.scale.astype(np.float32) * np.float32(base_step)
         per_tensor = bool(np.all(scale == scale[0]))
@@ -103,7 +104,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
         # DoReFa offset s are exact power-of-two multiples of it, computed in the graph
         base = gs.Constant(names.fresh(f"{name}.weight_scale"), np.array(scale[0]) if per_tensor else scale)
         terms = []
-        for index, ((dtype, step), part) in enumerate(zip(parts, split_codes(q))):
+        for index, ((dtype, step), part) in enumerate(zip(parts, split_codes(q, storage))):
             values = from_rows(part, layer.weight.shape, layer.out_axis)
             codes_name = names.fresh(f"{name}.weight_{np.dtype(dtype).name}")
             codes = gs.Constant(codes_name, LazyValues(packed_tensor(codes_name, values, dtype)))
@@ -112,7 +113,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer]) -> None:
                                      shape=list(layer.weight.shape)))
             graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.DequantizeLinear{index or ''}",
                                        inputs=[codes, part_scale], outputs=[terms[-1]], attrs=attrs))
-        if q.bits > 2:  # W = s (2 m + 1): the + s, broadcast along the output-channel axis
+        if stores_offset(q.bits, storage):  # W = s (2 m + 1): the + s, broadcast along the output-channel axis
             shape = [1] * layer.weight.ndim
             shape[layer.out_axis] = -1
             channels = base if per_tensor else _reshaped(graph, names, name, base, shape)

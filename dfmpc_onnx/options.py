@@ -11,37 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .scheme import Scheme
 
-MAX_BITS = 16
 WIDTHS = (2, 4, 6, 8)
 """The bit widths ``--target-bits`` chooses from (3 and 5 bits are stored in 4 and 6, so never cheaper)."""
 DEFAULT_SCHEME = "2/6"
+PROTECT_DB = 6.0
+"""``--protect``'s default: the output SQNR below which one pair's LOW producers are raised (README, "Protected
+pairs": chosen on the shared models)."""
 SYNTHETIC_KINDS = {"distill": "distilled", "pink": "pink-noise", "noise": "white-noise"}
 """How the report names each kind of synthetic input."""
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """``LOW/HIGH``: pair producers get LOW bits (2 = ternary), consumers and unpaired layers HIGH."""
-
-    low: int
-    high: int
-
-    @classmethod
-    def parse(cls, text: str) -> Scheme:
-        parts = str(text).split("/")
-        try:
-            if len(parts) > 2:
-                raise ValueError
-            low, high = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
-        except ValueError:
-            raise ValueError(f"scheme '{text}' is not LOW/HIGH or B, e.g. 2/6 or 4") from None
-        if not 2 <= low <= high <= MAX_BITS:
-            raise ValueError(f"scheme '{text}' needs 2 <= LOW <= HIGH <= {MAX_BITS}")
-        return cls(low, high)
-
-    def __str__(self) -> str:
-        return f"{self.low}/{self.high}"
 
 
 def option(default, help: str, *, choices: tuple | None = None, flag: str | tuple[str, ...] | None = None,
@@ -53,6 +32,16 @@ def option(default, help: str, *, choices: tuple | None = None, flag: str | tupl
     help and the README state it, where the field's own (None) means "decided later"."""
     return field(default=default, metadata=dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli,
                                                 parse=parse, shown=shown))
+
+
+def parse_protect(text: str) -> float | None:
+    """A ``--protect`` value: a number of dB, or "off"."""
+    if str(text).strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"--protect: '{text}' is not a number of dB or 'off'") from None
 
 
 def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...]]:
@@ -76,8 +65,16 @@ class Options:
         None, "instead of --scheme, choose 2/4/6/8 bits per pair and per unpaired layer for an average of at most "
               "B stored integer bits per quantized weight, by output agreement with the float model on the "
               "synthetic inputs (inference only, no data)", metavar="B", parse=float)
+    protect: float | None = option(
+        PROTECT_DB, "with --scheme, raise a pair to HIGH/HIGH when its LOW producers alone (the rest of the model "
+                    "float) leave the output SQNR on the synthetic inputs below DB decibels; off: the scheme as "
+                    "given (with --refine none, the paper)", metavar="DB|off", parse=parse_protect)
     format: str = option("qdq", "qdq: integer weights + DequantizeLinear; float: the same weights as float "
                                 "initializers, for any runtime", choices=("qdq", "float"))
+    storage: str = option("exact", "integer types of qdq weights: exact spends the width's own bits (INT2/UINT2 need "
+                                   "opset 25, which OpenVINO 2026.4 does not load); portable uses only INT4 (opset 21) "
+                                   "and INT8, one DequantizeLinear per weight up to 7 bits, same weight values",
+                          choices=("exact", "portable"))
     granularity: str = option("auto", "quantizer scales per tensor (the paper) or per output channel; auto: per "
                                       "tensor for ternary layers, per channel for k-bit layers",
                               choices=("auto", "tensor", "channel"))
@@ -189,6 +186,8 @@ def _normalise(options: Options) -> None:
         except ValueError as err:
             raise InputError(f"--scheme: {err}") from None
     put("exclude", tuple(options.exclude))
+    if isinstance(options.protect, str):
+        put("protect", parse_protect(options.protect))
     providers = options.providers.split(",") if isinstance(options.providers, str) else options.providers
     put("providers", tuple(p.strip() for p in providers if p.strip()))
     shapes = options.input_shapes.items() if isinstance(options.input_shapes, dict) else options.input_shapes
@@ -225,6 +224,8 @@ def _check_numbers(options: Options) -> None:
         raise InputError(f"--target-bits must be between {min(WIDTHS)} and {max(WIDTHS)}")
     if not options.providers:
         raise InputError("--providers names no execution provider")
+    if options.protect is not None and not math.isfinite(options.protect):
+        raise InputError("--protect takes a finite number of dB or 'off'")
     if options.min_agreement is not None and not 0 <= options.min_agreement <= 100:
         raise InputError("--min-agreement must be a percentage between 0 and 100")
     if not all(math.isfinite(v) for v in options.input_mean + options.input_std + (options.input_range or ())):
@@ -279,6 +280,8 @@ class Plan:
     """The synthetic inputs made, None when nothing needs them or the model cannot take them."""
     refine: str
     ternary_threshold: str
+    protect: bool = False
+    """Whether the pairs are probed and raised (``--protect`` under a LOW < HIGH scheme, with inputs)."""
     decisions: tuple[str, ...] = ()
 
     @property
@@ -310,16 +313,22 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     if refine == "auto":
         # least squares on noise hurts (README, "Results"), and refinement needs producer placement
         refine = "none" if options.placement == "consumer" else "refit" if synthetic == "distill" else "stats"
-    wanted = refine in ("stats", "refit") or options.target_bits is not None
+    scheme = options.scheme or (Scheme.parse(DEFAULT_SCHEME) if options.target_bits is None else None)
+    protecting = options.protect is not None and scheme is not None and scheme.low < scheme.high
+    refining = refine in ("stats", "refit")
+    if protecting and not refining and options.target_bits is None and options.synthetic == "auto":
+        synthetic = "pink"  # only the pair probe reads them: distillation would cost more than it informs
+    wanted = refining or options.target_bits is not None or protecting
     if wanted and facts.obstacle:
         if options.target_bits is not None:
             raise InputError(f"--target-bits needs synthetic inputs: {facts.obstacle}")
-        decisions.append(f"refinement skipped: {facts.obstacle}")
-        refine, wanted = "none", False
+        decisions += [f"refinement skipped: {facts.obstacle}"] * refining
+        decisions += [f"pairs not protected: {facts.obstacle}"] * protecting
+        refine, wanted, protecting = ("none" if refining else refine), False, False
     ternary_threshold = options.ternary_threshold
     if ternary_threshold == "auto":
         # with refit each consumer is re-solved against the float outputs, so the smaller weight error of
         # the least-squares threshold carries through; it scored higher there and lower under stats
         ternary_threshold = "optimal" if refine == "refit" else "twn"
-    scheme = options.scheme or (Scheme.parse(DEFAULT_SCHEME) if options.target_bits is None else None)
-    return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, tuple(decisions))
+    return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, protecting,
+                tuple(decisions))

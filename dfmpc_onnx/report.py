@@ -11,6 +11,7 @@ import onnx
 
 import onnx_graphsurgeon as gs
 
+from .allocate import Protection
 from .check import CheckResult
 from .domain import InputDomain
 from .fidelity import Fidelity
@@ -20,6 +21,7 @@ from .load import default_opset
 from .options import SYNTHETIC_KINDS, Plan
 from .pairs import Pair, PairSearch, Refusal
 from .plan import QuantizedLayer
+from .storage import runtime_note
 
 _SUB_BYTE_BITS = {onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2,
                   onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
@@ -77,6 +79,8 @@ class Report:
     stored_bits: float | None = None
     """Bits per weight in the output file (``stored_bits_per_weight``), scales and offsets included."""
     replaced_clips: list[str] = field(default_factory=list)
+    protection: list[Protection] = field(default_factory=list)
+    """Under --protect: each pair consumer's LOW producers measured alone, and whether they were raised."""
     notes: list[str] = field(default_factory=list)
     check: CheckResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -123,11 +127,9 @@ class Report:
 
     def format_summary(self) -> str:
         compensation = f"lambda1={self.lambda1:g} lambda2={self.lambda2:g}" if self.compensate else "off"
-        kind = SYNTHETIC_KINDS.get(self.synthetic)
-        inputs = f" on {self.samples} {kind} inputs, seed {self.seed}" if self.synthetic else ""
         lines = [
             f"scheme {self.scheme} ({self.format}, {self.granularity} scales, {self.ternary_threshold} ternary "
-            f"threshold, k-bit range {self.kbit_range}, compensation {compensation}, refinement {self.refine}{inputs})",
+            f"threshold, k-bit range {self.kbit_range}, compensation {compensation}, refinement {self.refine})",
             f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, {self.count('high')} high, "
             f"{self.count('unpaired')} unpaired at high bits; {self.count('float')} left float",
             f"ReLU6 (Clip) handling: {self.relu6}"
@@ -138,8 +140,12 @@ class Report:
             + (f" ({self.weight_bytes_after / self.weight_bytes_before:.1%})" if self.weight_bytes_before else "")
             + (f"; {self.stored_bits:.2f} stored bits per weight" if self.stored_bits is not None else ""),
         ]
-        if self.input_domain and (self.synthetic or self.fidelity):
-            lines.append(f"synthetic inputs in the model's input domain: {self.input_domain}")
+        domain = f" in the model's input domain: {self.input_domain}" if self.input_domain else ""
+        if self.synthetic:
+            kind = SYNTHETIC_KINDS.get(self.synthetic)
+            lines.append(f"synthetic inputs: {self.samples} {kind}, seed {self.seed}{domain}")
+        elif domain and self.fidelity:
+            lines.append(f"fidelity inputs{domain}")
         lines += [f"left float: {layer.name}: {layer.note}" for layer in self.layers if layer.role == "float"]
         lines += [f"not paired: {refusal.producer}: {refusal.reason}" for refusal in self.refusals]
         lines += [f"BatchNormalization not folded: {name}: {reason}" for name, reason in self.unfolded_batchnorm]
@@ -160,7 +166,8 @@ class Report:
 
 def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.ModelProto, search: PairSearch,
                 folding: FoldResult, layers: list[LayerReport], replaced_clips: list[str], notes: list[str],
-                check: CheckResult | None, timings: dict[str, float], domain: InputDomain | None = None) -> Report:
+                check: CheckResult | None, timings: dict[str, float], domain: InputDomain | None = None,
+                protection: list[Protection] = ()) -> Report:
     """The report of one run: ``source`` is the input's skeleton, ``result`` the output model."""
     options = plan.options
     notes = list(plan.decisions) + notes
@@ -168,6 +175,7 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
         notes.append("no layer was quantized (see 'left float')")
     elif not search.pairs:
         notes.append("no quantizable pair: every quantized layer is at the HIGH bit width")
+    notes += [note for note in (runtime_note(result),) if note]
     return Report(
         input=label, scheme=str(plan.scheme) if plan.scheme else f"target {options.target_bits:g} bits",
         format=options.format, granularity=options.granularity, ternary_threshold=plan.ternary_threshold,
@@ -179,7 +187,7 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
         unfolded_batchnorm=list(folding.unfolded), weight_bytes_before=initializer_bytes(source),
         weight_bytes_after=initializer_bytes(result), stored_bits=stored_bits_per_weight(result),
         replaced_clips=replaced_clips, notes=notes, check=check, timings=timings,
-        input_domain=domain.describe() if domain else None)
+        input_domain=domain.describe() if domain else None, protection=list(protection))
 
 
 def layer_reports(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], left_float: dict[str, str]) -> list[LayerReport]:

@@ -16,17 +16,29 @@ from .maths.quantizers import QuantizedWeight
 from .options import WIDTHS, Plan
 
 
-def storage_parts(bits: int) -> tuple[tuple[type, int], ...]:
+STORAGE = ("exact", "portable")
+
+
+def storage_parts(bits: int, storage: str = "exact") -> tuple[tuple[type, int], ...]:
     """How a layer quantized to ``bits`` is stored: (integer type, step) per part, the step in units of
     the quantizer's scale s.
 
-    Ternary codes T (Eq. 3) go in INT2 with step 1 (W = s T). DoReFa codes q
-    (Eq. 6) are odd, so m = (q - 1) / 2 is a signed ``bits``-bit integer and
-    W = s (2 m + 1): m goes in INT4, INT8 or INT16 with step 2, or, for 5 and
-    6 bits, in an INT4 high part and a UINT2 low part, m = 4 hi + lo (steps
-    8 and 2), so that 6-bit weights take 6 bits. The "+ s" is added after the
-    DequantizeLinear nodes; the file stores one scale per channel (``emit_qdq``).
+    ``exact`` spends no more bits than the width: ternary codes T (Eq. 3) go
+    in INT2 with step 1 (W = s T). DoReFa codes q (Eq. 6) are odd, so
+    m = (q - 1) / 2 is a signed ``bits``-bit integer and W = s (2 m + 1): m
+    goes in INT4, INT8 or INT16 with step 2, or, for 5 and 6 bits, in an INT4
+    high part and a UINT2 low part, m = 4 hi + lo (steps 8 and 2), so that
+    6-bit weights take 6 bits. The "+ s" is added after the DequantizeLinear
+    nodes; the file stores one scale per channel (``emit_qdq``).
+
+    ``portable`` uses only the types that onnxruntime and OpenVINO both load
+    (INT4 at opset 21, INT8), and where it can, one DequantizeLinear that
+    feeds the layer directly, as QDQ toolchains expect: the codes themselves
+    with step 1 (W = s q) in INT4 up to 3 bits (|q| <= 7) and in INT8 up to 7
+    (|q| <= 127); 8-bit codes as m in INT8 with the "+ s" (|q| <= 255).
     """
+    if storage == "portable" and bits <= 7:
+        return ((ml_dtypes.int4 if bits <= 3 else np.int8, 1),)
     if bits == 2:
         return ((ml_dtypes.int2, 1),)
     if bits <= 4:
@@ -40,31 +52,37 @@ def storage_parts(bits: int) -> tuple[tuple[type, int], ...]:
     raise ValueError(f"no integer storage for {bits}-bit weights")
 
 
+def stores_offset(bits: int, storage: str = "exact") -> bool:
+    """Whether the parts hold m = (q - 1) / 2 of DoReFa codes, so that W = s (2 m + 1) needs the "+ s" in the
+    graph; otherwise they hold the codes themselves (step 1)."""
+    return bits > 2 and storage_parts(bits, storage)[-1][1] != 1
+
+
 OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}
 """The first opset whose DequantizeLinear takes the type with a per-axis scale."""
 
 
-def storage_opset(bits: int) -> int:
-    """The opset that ``storage_parts(bits)`` needs."""
-    return max(OPSET_FOR_TYPE[dtype] for dtype, _ in storage_parts(bits))
+def storage_opset(bits: int, storage: str = "exact") -> int:
+    """The opset that ``storage_parts(bits, storage)`` needs."""
+    return max(OPSET_FOR_TYPE[dtype] for dtype, _ in storage_parts(bits, storage))
 
 
-def stored_rows(q: QuantizedWeight) -> np.ndarray:
+def stored_rows(q: QuantizedWeight, storage: str = "exact") -> np.ndarray:
     """The weight rows exactly as the qdq model computes them from its stored integers, in float32:
-    each part times (step x scale), summed, plus the scale for DoReFa codes."""
+    each part times (step x scale), summed, plus the scale for m of DoReFa codes."""
     scale = q.scale.astype(np.float32)[:, None]
     rows = None
-    for (_, step), part in zip(storage_parts(q.bits), split_codes(q)):
+    for (_, step), part in zip(storage_parts(q.bits, storage), split_codes(q, storage)):
         term = part.astype(np.float32) * (scale * np.float32(step))
         rows = term if rows is None else rows + term
-    return rows + scale if q.bits > 2 else rows
+    return rows + scale if stores_offset(q.bits, storage) else rows
 
 
-def split_codes(q: QuantizedWeight) -> list[np.ndarray]:
-    """The integer parts of ``storage_parts(q.bits)`` for q's codes (rows), in order."""
-    if q.bits == 2:
+def split_codes(q: QuantizedWeight, storage: str = "exact") -> list[np.ndarray]:
+    """The integer parts of ``storage_parts(q.bits, storage)`` for q's codes (rows), in order."""
+    if not stores_offset(q.bits, storage):
         return [q.codes]
-    if len(storage_parts(q.bits)) == 2:
+    if len(storage_parts(q.bits, storage)) == 2:
         return list(_high_and_low(q.codes))
     return [(q.codes - 1) // 2]  # odd codes: exact, and in the codes' own integer type
 
@@ -111,6 +129,15 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def runtime_note(model: onnx.ModelProto) -> str | None:
+    """Which runtimes are known to load ``model`` when its storage types narrow the choice (measured with
+    onnxruntime 1.32 and OpenVINO 2026.4; ``tests/test_storage.py``), else None."""
+    if {t.data_type for t in model.graph.initializer} & {onnx.TensorProto.INT2, onnx.TensorProto.UINT2}:
+        return ("INT2/UINT2 weights (opset 25): onnxruntime runs this file, OpenVINO 2026.4 refuses it; "
+                "--storage portable writes the same weights in INT4/INT8, which both run")
+    return None
+
+
 FLOAT16_SCALES_OPSET = 19
 """The first opset whose DequantizeLinear takes float16 scales (a float16 model's weights)."""
 
@@ -120,7 +147,7 @@ def required_opset(plan: Plan, half: bool = False) -> int:
     INT4: 21): the scheme's two widths, or every width ``--target-bits`` may choose; and float16 scales
     when ``half``."""
     widths = (plan.scheme.low, plan.scheme.high) if plan.scheme is not None else WIDTHS
-    return max([storage_opset(bits) for bits in widths] + [FLOAT16_SCALES_OPSET if half else 0])
+    return max([storage_opset(bits, plan.options.storage) for bits in widths] + [FLOAT16_SCALES_OPSET if half else 0])
 
 
 def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan, half: bool = False) -> tuple[onnx.ModelProto, str | None]:

@@ -67,3 +67,23 @@ def test_output_probe_measures_only_the_changed_layers():
     small = probe.noise({"conv1": (layer.weight * 1.01, layer.bias)})[1]
     large = probe.noise({"conv1": (layer.weight * 1.5, layer.bias)})[1]
     assert 0 < small < large
+
+
+@pytest.mark.parametrize("threshold,raised", [(100.0, True), (-100.0, False)])
+def test_protect_raises_the_pairs_whose_producers_alone_cost_more_than_the_threshold(threshold, raised):
+    _, report = quantize(chain_model(), "2/6", protect=threshold, synthetic="pink", samples=8, refine="none",
+                         check=False)
+    assert report.pairs and len(report.protection) == len({pair.consumer for pair in report.pairs})
+    assert all(unit.raised == raised for unit in report.protection)
+    producers = [layer for layer in report.layers if layer.role == "low"]
+    assert producers and all(layer.bits == (6 if raised else 2) for layer in producers)
+    note = next(note for note in report.notes if note.startswith("--protect"))
+    assert (f"{len(report.protection)} of {len(report.protection)}" if raised else "0 of") in note
+    assert "dB alone" in note if raised else "the costliest alone" in note
+
+
+def test_protect_measures_nothing_under_a_uniform_scheme_or_when_off():
+    for values in (dict(scheme="4"), dict(scheme="2/6", protect="off")):
+        _, report = quantize(chain_model(), refine="none", check=False, **values)
+        assert report.protection == [] and report.synthetic is None
+        assert not any(note.startswith("--protect") for note in report.notes)

@@ -101,13 +101,21 @@ def test_no_compensation_leaves_weights_on_the_plain_ternary_grid():
     ("auto", "auto", True, ("distill", "refit", "optimal")),
     ("auto", "auto", False, ("pink", "stats", "twn")),
     ("noise", "auto", True, ("noise", "stats", "twn")),
-    ("auto", "none", True, (None, "none", "twn")),
-    ("auto", "bias", True, (None, "bias", "twn")),
+    ("auto", "none", True, ("pink", "none", "twn")),  # for --protect's probe only: noise, not distillation
+    ("auto", "bias", True, ("pink", "bias", "twn")),
 ])
 def test_auto_options_resolve_by_the_model(synthetic, refine, has_batchnorm, expected):
     from dfmpc_onnx.options import ModelFacts, Options, resolve
     plan = resolve(Options(synthetic=synthetic, refine=refine), ModelFacts(has_batchnorm, None))
     assert (plan.synthetic, plan.refine, plan.ternary_threshold) == expected
+
+
+@pytest.mark.parametrize("values", [dict(refine="none", protect="off"), dict(refine="bias", protect="off"),
+                                    dict(refine="none", scheme="4")])
+def test_nothing_wants_synthetic_inputs_without_refinement_or_protection(values):
+    from dfmpc_onnx.options import ModelFacts, Options, resolve
+    plan = resolve(Options(**values), ModelFacts(True, None))
+    assert plan.synthetic is None and not plan.protect
 
 
 def test_model_facts_see_batchnorm():

@@ -1,5 +1,6 @@
 """The shared pretrained ResNet-20, quantized through the command line; skipped when ../shared is absent."""
 
+import json
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def codes_per_layer(model):
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_resnet20_2_6_structure(resnet20, tmp_path, granularity):
     model, stdout = quantize_cli(resnet20, tmp_path / "q.onnx", "--scheme", "2/6", "--granularity", granularity,
-                                 "--report", tmp_path / "r.json")
+                                 "--protect", "off", "--report", tmp_path / "r.json")
     assert "pairs found: 9" in stdout
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     codes = codes_per_layer(model)
@@ -128,3 +129,18 @@ def test_resnet20_lambda2_shrinks_c(resnet20, tmp_path):
     quantize_cli(resnet20, tmp_path / "b.onnx", "--refine", "none", "--lambda2", "0.05", "--report", tmp_path / "b.json")
     plain, shrunk = medians(tmp_path / "a.json"), medians(tmp_path / "b.json")
     assert len(plain) == 9 and np.all(shrunk < plain)
+
+
+def test_resnet20_protect_raises_the_costliest_pairs_and_reports_them(resnet20, tmp_path):
+    model, stdout = quantize_cli(resnet20, tmp_path / "q.onnx", "--scheme", "2/6", "--refine", "none",
+                                 "--report", tmp_path / "r.json")
+    protection = json.loads((tmp_path / "r.json").read_text())["protection"]
+    assert len(protection) == 9
+    raised = [unit for unit in protection if unit["raised"]]
+    assert raised and all(unit["sqnr_db"] < 6 for unit in raised)
+    assert all(unit["sqnr_db"] >= 6 for unit in protection if not unit["raised"])
+    assert f"--protect 6: {len(raised)} of 9 pair consumers' LOW producers raised to 6 bits" in stdout
+    codes = codes_per_layer(model)
+    for unit in protection:
+        ternary = set(np.unique(codes[unit["producers"][0]])) <= {-1, 0, 1}
+        assert ternary != unit["raised"], unit

@@ -60,7 +60,7 @@ def test_bad_option_values_are_refused_in_one_line(model_path, tmp_path, args, p
 
 
 def test_consumer_placement_needs_no_refine_flag(model_path, tmp_path):
-    _, report = quantize(chain_model(), format="float", placement="consumer", check=False)
+    _, report = quantize(chain_model(), format="float", placement="consumer", check=False, protect="off")
     assert report.refine == "none" and report.synthetic is None
 
 
@@ -77,7 +77,7 @@ def test_a_failed_distillation_resolves_every_auto_again():
 def test_a_model_that_cannot_take_synthetic_inputs_resolves_refit_away():
     plan = resolve(Options(refine="refit"), ModelFacts(True, obstacle="two inputs"))
     assert (plan.synthetic, plan.refine, plan.ternary_threshold) == (None, "none", "twn")
-    assert plan.decisions == ("refinement skipped: two inputs",)
+    assert plan.decisions == ("refinement skipped: two inputs", "pairs not protected: two inputs")
     with pytest.raises(InputError, match="--target-bits needs synthetic inputs: two inputs"):
         resolve(Options(target_bits=4), ModelFacts(True, obstacle="two inputs"))
 
@@ -172,3 +172,14 @@ def test_model_facts_count_multiply_accumulates():
     from dfmpc_onnx.load import load_whole_model
     facts = model_facts(load_whole_model(chain_model()), {})  # stem 3->8 and four 8->8 3x3 convs on 8x8, fc 8->10
     assert facts.classifier and facts.macs == 64 * (8 * 27 + 4 * 8 * 72) + 80
+
+
+@pytest.mark.parametrize("text,value", [("off", None), ("OFF", None), ("6", 6.0), ("-3.5", -3.5)])
+def test_protect_reads_decibels_or_off(text, value):
+    assert Options(protect=text).protect == value
+
+
+@pytest.mark.parametrize("text", ["abc", "nan", "inf", ""])
+def test_protect_refuses_what_is_not_a_finite_number_of_decibels(text):
+    with pytest.raises(InputError, match="--protect"):
+        Options(protect=text)

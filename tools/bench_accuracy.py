@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 
 import dfmpc_onnx
+from dfmpc_onnx.options import PROTECT_DB
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -52,23 +53,28 @@ def top1(model_path: Path, images: np.ndarray, labels: np.ndarray, batch: int = 
     return 100.0 * correct / len(images)
 
 
-PAPER = dict(refine="none", granularity="tensor")
-"""The paper's setting: its closed form alone, per-tensor quantizer scales."""
+PAPER = dict(refine="none", granularity="tensor", protect="off")
+"""The paper's setting: its closed form alone, per-tensor quantizer scales, the scheme's widths as given."""
+ALONE = dict(protect="off")
+"""Each refinement on its own: the rows below measure one stage each, with no pair raised by --protect."""
 
 METHODS = {
     "original": ("Original (rounding, paper's per-tensor scales)", dict(compensate=False, **PAPER)),
     "paper": ("DF-MPC (paper)", PAPER),
     "paper-float": ("DF-MPC (paper), float format", dict(PAPER, format="float")),
-    "closed-form": ("DF-MPC closed form, per-channel k-bit scales", dict(refine="none")),
-    "bias": ("DF-MPC + BN bias correction", dict(refine="bias")),
-    "stats-noise": ("DF-MPC + stats, white noise", dict(refine="stats", synthetic="noise")),
-    "stats-pink": ("DF-MPC + stats, pink noise", dict(refine="stats", synthetic="pink")),
-    "stats-distill": ("DF-MPC + stats, distilled", dict(refine="stats", synthetic="distill")),
-    "refit-distill": ("DF-MPC + refit, distilled (default)", dict(refine="refit", synthetic="distill")),
+    "closed-form": ("DF-MPC closed form, per-channel k-bit scales", dict(refine="none", **ALONE)),
+    "bias": ("DF-MPC + BN bias correction", dict(refine="bias", **ALONE)),
+    "stats-noise": ("DF-MPC + stats, white noise", dict(refine="stats", synthetic="noise", **ALONE)),
+    "stats-pink": ("DF-MPC + stats, pink noise", dict(refine="stats", synthetic="pink", **ALONE)),
+    "stats-distill": ("DF-MPC + stats, distilled", dict(refine="stats", synthetic="distill", **ALONE)),
+    "refit-distill": ("DF-MPC + refit, distilled", dict(refine="refit", synthetic="distill", **ALONE)),
     "optimal-pink": ("DF-MPC, optimal ternary + stats, pink noise",
-                     dict(ternary_threshold="optimal", refine="stats", synthetic="pink")),
+                     dict(ternary_threshold="optimal", refine="stats", synthetic="pink", **ALONE)),
     "twn-refit-distill": ("DF-MPC, TWN ternary (Eq. 4) + refit, distilled",
-                          dict(ternary_threshold="twn", refine="refit", synthetic="distill")),
+                          dict(ternary_threshold="twn", refine="refit", synthetic="distill", **ALONE)),
+    "protect-pink": (f"DF-MPC + stats, pink noise, --protect {PROTECT_DB:g}", dict(refine="stats", synthetic="pink")),
+    "default": (f"DF-MPC + refit, distilled, --protect {PROTECT_DB:g} (default)",
+                dict(refine="refit", synthetic="distill")),
 }
 TERNARY_ONLY = ("optimal-pink", "twn-refit-distill")
 

@@ -4,7 +4,7 @@
 
 Tiny 4-channel 1x1 convs on a 4x4 input, so the times are the tool's graph
 work (load, BatchNorm folding, pair finding, rewriting) and not arithmetic;
-``--refine none --no-check``. Linear scaling shows as a constant time per
+``--refine none --protect off --no-check``. Linear scaling shows as a constant time per
 node down the last column.
 """
 
@@ -53,13 +53,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 3000, 10000])
     args = parser.parse_args()
-    dfmpc_onnx.quantize(conv_bn_relu_chain(30), refine="none", check=False)  # compile the Numba kernels first
+    dfmpc_onnx.quantize(conv_bn_relu_chain(30), refine="none", protect="off", check=False)  # compile the Numba kernels first
     print("| nodes | load | fold | pairs | quantize | solve | emit | total (s) | ms per node |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         model = conv_bn_relu_chain(size)
         start = time.perf_counter()
-        _, report = dfmpc_onnx.quantize(model, refine="none", check=False)
+        _, report = dfmpc_onnx.quantize(model, refine="none", protect="off", check=False)
         total = time.perf_counter() - start
         t = report.timings
         stages = " | ".join(f"{t.get(s, 0.0):.2f}" for s in ("load", "fold", "pairs", "quantize", "solve", "emit"))

@@ -57,18 +57,20 @@ MODELS = {
     "cifar10_resnet32": HeldOut("cifar10_resnet-akamaster/cifar10_resnet32.onnx", "akamaster/pytorch_resnet_cifar10, "
                                 "BSD-2-Clause, exported with torch.onnx (BN kept)", **CIFAR_RESNET,
                                 runs=(("default 2/6", {}), ("default 4/8", dict(scheme="4/8")),
-                                      ("paper 2/6", dict(refine="none", granularity="tensor")))),
+                                      ("paper 2/6", dict(refine="none", granularity="tensor", protect="off")))),
     "cifar10_resnet44": HeldOut("cifar10_resnet-akamaster/cifar10_resnet44.onnx", "akamaster/pytorch_resnet_cifar10, "
                                 "BSD-2-Clause, exported with torch.onnx (BN kept)", **CIFAR_RESNET,
                                 runs=(("default 2/6", {}), ("default 4/8", dict(scheme="4/8")),
-                                      ("paper 2/6", dict(refine="none", granularity="tensor")))),
+                                      ("paper 2/6", dict(refine="none", granularity="tensor", protect="off")))),
     "tflite_resnet8": HeldOut("cifar10_resnet8-mlperf_tiny-tflite2onnx/cifar10_resnet8_tiny_tflite2onnx.onnx",
                               "MLPerf Tiny ResNet-8 (Apache-2.0), TFLite converted by tflite2onnx: opset 11, BN folded, "
                               "raw 0-255 input", data="cifar",
                               runs=(("default 4/8", dict(scheme="4/8")), ("default 4/8, " + RAW[0], dict(scheme="4/8", **RAW[1])),
                                     ("--target-bits 4", dict(target_bits=4.0)),
                                     ("--target-bits 4, " + RAW[0], dict(target_bits=4.0, **RAW[1])),
-                                    ("default 2/6, " + RAW[0], dict(RAW[1])), *ROUNDING)),
+                                    ("default 2/6, " + RAW[0], dict(RAW[1])),
+                                    ("default 2/6, " + RAW[0] + ", --protect off", dict(protect="off", **RAW[1])),
+                                    *ROUNDING)),
     "keras_cifar_cnn": HeldOut("cifar10_keras_cnn-cifar_10_model-7.4.0/cifar10_keras_cnn_nchw_raw255.onnx",
                                "PyPI cifar-10-model 7.4.0, Keras converted by hand: BN after Relu, raw 0-255 input",
                                data="cifar", runs=(("default 4/8", dict(scheme="4/8")),

@@ -25,8 +25,8 @@ from pathlib import Path
 import onnx
 
 CONFIGURATIONS = {
-    "quantize + onnxruntime check": ["--refine", "none"],
-    "quantize, --no-check": ["--refine", "none", "--no-check"],
+    "quantize + onnxruntime check": ["--refine", "none", "--protect", "off"],
+    "quantize, --no-check": ["--refine", "none", "--protect", "off", "--no-check"],
 }
 
 

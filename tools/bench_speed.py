@@ -11,8 +11,8 @@ in one process and one run, each timing the median of --repeat runs:
 
 - floor: ``onnx.load`` + ``onnx.save`` of the same file, the least any tool
   that reads and writes the model must spend;
-- dfmpc: ``quantize_file(..., refine="none", check=False)`` (the CLI's
-  ``--no-check --refine none``), split by stage (load, fold, pairs,
+- dfmpc: ``quantize_file(..., refine="none", protect="off", check=False)`` (the CLI's
+  ``--no-check --refine none --protect off``), split by stage (load, fold, pairs,
   quantize, solve, emit, save), and its ratio to the floor;
 - check: the onnxruntime check that the default adds (stage time);
 - each refinement in --refinements (``--refine stats`` on pink noise by
@@ -159,8 +159,8 @@ def bench_model(name: str, path: Path, workdir: Path, args: argparse.Namespace) 
     row: dict = {"model": name, "mib": round(path.stat().st_size / 2**20, 1),
                  "nodes": len(onnx.load(str(path), load_external_data=False).graph.node)}
     row["floor"], _ = median_time(lambda: io_floor(path, out), args.repeat)
-    row["dfmpc"], row["stages"] = dfmpc_stages(path, out, args.repeat, refine="none", check=False)
-    _, checked = dfmpc_stages(path, out, 1, refine="none", check=True)
+    row["dfmpc"], row["stages"] = dfmpc_stages(path, out, args.repeat, refine="none", protect="off", check=False)
+    _, checked = dfmpc_stages(path, out, 1, refine="none", protect="off", check=True)
     row["check"] = checked.get("check")
     row["refine"] = {}
     for refinement in args.refinements:
@@ -220,7 +220,7 @@ def main() -> int:
     paths = model_paths(args.models, args.models_dir)
     compile_model = ROOT / "models" / "bottleneck_resnet.onnx"
     compile_time = compile_times(compile_model)
-    dfmpc_onnx.quantize(str(compile_model), refine="none", check=False)  # load this process's kernels
+    dfmpc_onnx.quantize(str(compile_model), refine="none", protect="off", check=False)  # load this process's kernels
     with tempfile.TemporaryDirectory() as workdir:
         rows = [bench_model(name, path, Path(workdir), args) for name, path in paths.items()]
     publish(markdown(rows, compile_time, args.refinements), {"rows": rows, "numba": compile_time}, args.out,

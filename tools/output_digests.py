@@ -28,7 +28,7 @@ from dfmpc_onnx.maths.noise import noise_batch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"
 
-PAPER = dict(refine="none", granularity="tensor")
+PAPER = dict(refine="none", granularity="tensor", protect="off")
 CASES = {
     "paper 2/6": dict(scheme="2/6", **PAPER),
     "original 2/6": dict(scheme="2/6", compensate=False, refine="none"),

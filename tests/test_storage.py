@@ -1,0 +1,83 @@
+"""``--storage``: exact (the width's own bits) and portable (INT4/INT8 only), same weights, and a second
+runtime: OpenVINO's CPU plugin runs the outputs where OpenVINO installs."""
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import chain_model, residual_model, run_model
+from dfmpc_onnx import quantize
+from dfmpc_onnx.maths.quantizers import quantize_rows
+from dfmpc_onnx.storage import split_codes, storage_parts, stored_rows
+from test_emit import dequantized_weights
+
+SCHEMES = ["2/6", "3/6", "4/8", "6", "8", "2/4"]
+PORTABLE_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.INT8}
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_portable_rows_equal_the_exact_ones(bits):
+    rows = np.random.default_rng(bits).standard_normal((6, 27)).astype(np.float32)
+    q = quantize_rows(rows, bits, True, "twn", "max")
+    exact, portable = stored_rows(q, "exact"), stored_rows(q, "portable")
+    np.testing.assert_allclose(portable, exact, rtol=1e-6, atol=1e-7)
+    for (dtype, _), part in zip(storage_parts(bits, "portable"), split_codes(q, "portable")):
+        info = np.iinfo(np.int8) if dtype is np.int8 else (-8, 7)
+        low, high = (info.min, info.max) if hasattr(info, "min") else info
+        assert low <= part.min() and part.max() <= high, (bits, dtype)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_portable_output_uses_int4_and_int8_at_opset_21_at_most(scheme):
+    model = residual_model()
+    exact, _ = quantize(model, scheme, refine="none", protect="off", check=False)
+    portable, _ = quantize(model, scheme, refine="none", protect="off", check=False, storage="portable")
+    integer_types = {t.data_type for t in portable.graph.initializer} - {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    assert integer_types <= PORTABLE_TYPES
+    assert max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx")) <= 21
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_model(portable, x), run_model(exact, x), rtol=1e-4, atol=1e-5)
+    for name, weight in dequantized_weights(exact).items():
+        np.testing.assert_allclose(dequantized_weights(portable)[name], weight, rtol=1e-6, atol=1e-7)
+
+
+def test_portable_weights_up_to_7_bits_are_one_dequantizelinear_feeding_the_layer():
+    model, _ = quantize(chain_model(), "2/6", refine="none", protect="off", check=False, storage="portable")
+    producers = {n.output[0]: n for n in model.graph.node}
+    weighted = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert weighted and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in weighted)
+
+
+def openvino_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed here (pip install openvino)")
+    core = ov.Core()
+    # by default the CPU plugin computes in bf16 on processors that have it, and quantizes the activations
+    # of layers whose weights come from one DequantizeLinear to int8 on the fly: both off, to compare the
+    # same arithmetic
+    config = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
+    return compiled(x)[compiled.outputs[0]]
+
+
+@pytest.mark.parametrize("scheme,storage,format", [(s, "portable", "qdq") for s in SCHEMES]
+                         + [("4/8", "exact", "qdq"), ("4", "exact", "qdq"), ("8", "exact", "qdq"),
+                            ("2/6", "exact", "float")])
+def test_openvino_runs_the_output_as_onnxruntime_does(resnet20, scheme, storage, format):
+    model, _ = quantize(str(resnet20), scheme, refine="none", protect="off", check=False, storage=storage,
+                        format=format)
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    reference = run_model(model, x)
+    np.testing.assert_allclose(openvino_outputs(model, x), reference, rtol=1e-3, atol=1e-3 * np.abs(reference).max())
+
+
+def test_the_report_says_which_runtimes_load_the_storage_it_chose():
+    _, exact = quantize(chain_model(), "2/6", refine="none", protect="off", check=False)
+    _, portable = quantize(chain_model(), "2/6", refine="none", protect="off", check=False, storage="portable")
+    assert any("OpenVINO 2026.4 refuses it" in note for note in exact.notes)
+    assert not any("OpenVINO" in note for note in portable.notes)
+
+
+def test_openvino_refuses_int2_storage_as_the_note_says(resnet20):
+    model, _ = quantize(str(resnet20), "2/6", refine="none", protect="off", check=False)
+    with pytest.raises(Exception):
+        openvino_outputs(model, np.zeros((1, 3, 32, 32), np.float32))
