@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .activations import quantize_activations
 from .allocate import choose_bits
-from .check import check_model, run_reference
+from .check import ReferenceRun, check_model, run_reference
+from .domain import InputDomain
 from .emit import emit
 from .errors import CheckError, InputError
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph
 from .inputs import find_static_shape, model_facts, resolve_input_shapes
 from .load import load_model
-from .options import Options, OutputOptions, resolve
+from .options import Options, OutputOptions, Plan, resolve
 from .pairs import find_pairs, kept_out_of_pairs
 from .plan import compensate_layers, quantize_layers
 from .precision import as_float32
@@ -62,9 +64,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     plan = resolve(options, model_facts(skeleton, shapes))
     domain = model_domain(skeleton, weights, shapes, options) if plan.needs_inputs or options.check else None
     inputs, plan = make_synthetic_inputs(skeleton, weights, shapes, plan, domain, synthetic_inputs, console)
-    fidelity = fidelity_inputs(skeleton, shapes, inputs, plan, domain) if options.check else None
-    reference = run_reference(skeleton, weights, options.providers, options.check_batch, shapes, fidelity) \
-        if options.check or plan.needs_inputs else None
+    reference = _reference(skeleton, weights, shapes, inputs, plan, domain)
     working, upgrade_note = upgrade_for_storage(skeleton, plan, half)
     stopwatch.lap("load")
 
@@ -90,6 +90,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch.lap("refine")
 
     emit(graph, qlayers, search.pairs, options.format, options.placement, options.storage)
+    ranges = quantize_activations(graph, qlayers, inputs, plan, working)
     result = assemble_model(graph, working, half)
     table = layer_reports(graph, qlayers, left_float)
     del graph, qlayers, layers  # the float weights are no longer needed
@@ -100,7 +101,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     notes = [note for note in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note) if note]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table,
                                replaced_clips, notes, check, stopwatch.timings, domain,
-                               protection)
+                               protection, ranges)
 
 
 def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, options: Options | None = None,
@@ -132,6 +133,17 @@ def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, opt
         if output.report is not None:
             write_text_atomic(Path(output.report), report.to_json() + "\n")
     return report
+
+
+def _reference(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+               inputs: np.ndarray | None, plan: Plan, domain: InputDomain | None) -> ReferenceRun | None:
+    """The float model's run that the check compares with (a random batch, and the fidelity inputs), or
+    None when there is no check and nothing runs on synthetic inputs."""
+    options = plan.options
+    if not (options.check or plan.needs_inputs):
+        return None
+    fidelity = fidelity_inputs(skeleton, shapes, inputs, plan, domain) if options.check else None
+    return run_reference(skeleton, weights, options.providers, options.check_batch, shapes, fidelity)
 
 
 def _options(given: Options | str | None, values: dict) -> Options:

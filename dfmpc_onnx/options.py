@@ -75,6 +75,12 @@ class Options:
                                    "opset 25, which OpenVINO 2026.4 does not load); portable uses only INT4 (opset 21) "
                                    "and INT8, one DequantizeLinear per weight up to 7 bits, same weight values",
                           choices=("exact", "portable"))
+    activations: str = option("none", "also quantize the input of every quantized layer (QuantizeLinear/"
+                                      "DequantizeLinear, uint8 or uint16, per tensor), its range calibrated on the "
+                                      "synthetic inputs", choices=("none", "8", "16"))
+    activation_range: str = option("minmax", "how --activations sets each range: min/max, the 0.01/99.99 "
+                                             "percentiles, or the clipping with the least squared error",
+                                   choices=("minmax", "percentile", "mse"))
     granularity: str = option("auto", "quantizer scales per tensor (the paper) or per output channel; auto: per "
                                       "tensor for ternary layers, per channel for k-bit layers",
                               choices=("auto", "tensor", "channel"))
@@ -186,6 +192,7 @@ def _normalise(options: Options) -> None:
         except ValueError as err:
             raise InputError(f"--scheme: {err}") from None
     put("exclude", tuple(options.exclude))
+    put("activations", str(options.activations))
     if isinstance(options.protect, str):
         put("protect", parse_protect(options.protect))
     providers = options.providers.split(",") if isinstance(options.providers, str) else options.providers
@@ -316,12 +323,14 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     scheme = options.scheme or (Scheme.parse(DEFAULT_SCHEME) if options.target_bits is None else None)
     protecting = options.protect is not None and scheme is not None and scheme.low < scheme.high
     refining = refine in ("stats", "refit")
-    if protecting and not refining and options.target_bits is None and options.synthetic == "auto":
+    activating = options.activations != "none"
+    if protecting and not (refining or activating or options.target_bits) and options.synthetic == "auto":
         synthetic = "pink"  # only the pair probe reads them: distillation would cost more than it informs
-    wanted = refining or options.target_bits is not None or protecting
+    wanted = refining or options.target_bits is not None or protecting or activating
     if wanted and facts.obstacle:
-        if options.target_bits is not None:
-            raise InputError(f"--target-bits needs synthetic inputs: {facts.obstacle}")
+        for needs, flag in ((options.target_bits is not None, "--target-bits"), (activating, "--activations")):
+            if needs:
+                raise InputError(f"{flag} needs synthetic inputs: {facts.obstacle}")
         decisions += [f"refinement skipped: {facts.obstacle}"] * refining
         decisions += [f"pairs not protected: {facts.obstacle}"] * protecting
         refine, wanted, protecting = ("none" if refining else refine), False, False

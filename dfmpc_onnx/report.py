@@ -61,6 +61,8 @@ class Report:
     placement: str
     relu6: str
     refine: str
+    activation_bits: int | None
+    activation_range: str
     synthetic: str | None
     """The synthetic inputs used, None when nothing ran on them."""
     samples: int | None
@@ -80,6 +82,8 @@ class Report:
     """Bits per weight in the output file (``stored_bits_per_weight``), scales and offsets included."""
     replaced_clips: list[str] = field(default_factory=list)
     protection: list[Protection] = field(default_factory=list)
+    activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Under --activations: the calibrated range of each quantized activation."""
     """Under --protect: each pair consumer's LOW producers measured alone, and whether they were raised."""
     notes: list[str] = field(default_factory=list)
     check: CheckResult | None = None
@@ -143,12 +147,15 @@ class Report:
         domain = f" in the model's input domain: {self.input_domain}" if self.input_domain else ""
         if self.synthetic:
             kind = SYNTHETIC_KINDS.get(self.synthetic)
-            lines.append(f"synthetic inputs: {self.samples} {kind}, seed {self.seed}{domain}")
+            lines.append(f"synthetic inputs: {self.samples} {kind}, seed {self.seed}" + (f";{domain}" if domain else ""))
         elif domain and self.fidelity:
             lines.append(f"fidelity inputs{domain}")
         lines += [f"left float: {layer.name}: {layer.note}" for layer in self.layers if layer.role == "float"]
         lines += [f"not paired: {refusal.producer}: {refusal.reason}" for refusal in self.refusals]
         lines += [f"BatchNormalization not folded: {name}: {reason}" for name, reason in self.unfolded_batchnorm]
+        if self.activation_ranges:
+            lines.append(f"activations quantized: {len(self.activation_ranges)} layer inputs, uint"
+                         f"{self.activation_bits} per tensor, {self.activation_range} ranges on the synthetic inputs")
         lines += [f"note: {note}" for note in self.notes]
         if self.check is None:
             lines.append("onnxruntime check: skipped")
@@ -167,7 +174,7 @@ class Report:
 def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.ModelProto, search: PairSearch,
                 folding: FoldResult, layers: list[LayerReport], replaced_clips: list[str], notes: list[str],
                 check: CheckResult | None, timings: dict[str, float], domain: InputDomain | None = None,
-                protection: list[Protection] = ()) -> Report:
+                protection: list[Protection] = (), activation_ranges: dict | None = None) -> Report:
     """The report of one run: ``source`` is the input's skeleton, ``result`` the output model."""
     options = plan.options
     notes = list(plan.decisions) + notes
@@ -181,13 +188,16 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
         format=options.format, granularity=options.granularity, ternary_threshold=plan.ternary_threshold,
         kbit_range=options.kbit_range, lambda1=options.lambda1, lambda2=options.lambda2,
         compensate=options.compensate, placement=options.placement, relu6=options.relu6, refine=plan.refine,
+        activation_bits=None if options.activations == "none" else int(options.activations),
+        activation_range=options.activation_range,
         synthetic=plan.synthetic, samples=options.samples if plan.synthetic else None, seed=options.seed,
         opset_in=default_opset(source), opset_out=default_opset(result), layers=layers,
         pairs=list(search.pairs), refusals=list(search.refusals), folded_batchnorm=list(folding.folded),
         unfolded_batchnorm=list(folding.unfolded), weight_bytes_before=initializer_bytes(source),
         weight_bytes_after=initializer_bytes(result), stored_bits=stored_bits_per_weight(result),
         replaced_clips=replaced_clips, notes=notes, check=check, timings=timings,
-        input_domain=domain.describe() if domain else None, protection=list(protection))
+        input_domain=domain.describe() if domain else None, protection=list(protection),
+        activation_ranges=dict(activation_ranges or {}))
 
 
 def layer_reports(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], left_float: dict[str, str]) -> list[LayerReport]:

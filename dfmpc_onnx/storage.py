@@ -139,6 +139,9 @@ def runtime_note(model: onnx.ModelProto) -> str | None:
 
 
 FLOAT16_SCALES_OPSET = 19
+ACTIVATION_OPSET = {8: 13, 16: 21}
+"""The opset the activation QuantizeLinear/DequantizeLinear need: uint8 from 13 (the widely supported
+form), uint16 from 21."""
 """The first opset whose DequantizeLinear takes float16 scales (a float16 model's weights)."""
 
 
@@ -146,15 +149,18 @@ def required_opset(plan: Plan, half: bool = False) -> int:
     """The opset whose DequantizeLinear takes every storage type the plan may write (INT2 and UINT2: 25,
     INT4: 21): the scheme's two widths, or every width ``--target-bits`` may choose; and float16 scales
     when ``half``."""
+    options = plan.options
     widths = (plan.scheme.low, plan.scheme.high) if plan.scheme is not None else WIDTHS
-    return max([storage_opset(bits, plan.options.storage) for bits in widths] + [FLOAT16_SCALES_OPSET if half else 0])
+    weights = [storage_opset(bits, options.storage) for bits in widths] if options.format == "qdq" else []
+    activations = [ACTIVATION_OPSET[int(options.activations)]] if options.activations != "none" else []
+    return max(weights + activations + [FLOAT16_SCALES_OPSET if half and weights else 0])
 
 
 def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan, half: bool = False) -> tuple[onnx.ModelProto, str | None]:
     """``skeleton`` converted to ``required_opset`` when qdq storage needs it and some layer will be
     quantized, and a note saying so (else the skeleton as it is, and None)."""
     opset, needed = default_opset(skeleton), required_opset(plan, half)
-    if plan.options.format != "qdq" or opset >= needed or not has_float32_weights(skeleton):
+    if opset >= needed or not has_float32_weights(skeleton):
         return skeleton, None
     try:
         upgraded = version_converter.convert_version(skeleton, needed)
@@ -162,7 +168,9 @@ def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan, half: bool = Fals
         raise InputError(f"cannot upgrade the model to opset {needed} for integer storage ({first_line(err)}); "
                          "use --format float") from None
     widths = str(plan.scheme) if plan.scheme is not None else "--target-bits"
-    return upgraded, f"opset upgraded from {opset} to {needed} for the integer storage types of {widths} qdq"
+    what = f"{widths} {plan.options.format}" + (f", --activations {plan.options.activations}"
+                                                 if plan.options.activations != "none" else "")
+    return upgraded, f"opset upgraded from {opset} to {needed} for the integer storage types of {what}"
 
 
 def has_float32_weights(model: onnx.ModelProto) -> bool:

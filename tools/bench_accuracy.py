@@ -75,6 +75,9 @@ METHODS = {
     "protect-pink": (f"DF-MPC + stats, pink noise, --protect {PROTECT_DB:g}", dict(refine="stats", synthetic="pink")),
     "default": (f"DF-MPC + refit, distilled, --protect {PROTECT_DB:g} (default)",
                 dict(refine="refit", synthetic="distill")),
+    **{f"a8-{estimator}": (f"default + --activations 8, {estimator} ranges",
+                           dict(refine="refit", synthetic="distill", activations="8", activation_range=estimator))
+       for estimator in ("minmax", "percentile", "mse")},
 }
 TERNARY_ONLY = ("optimal-pink", "twn-refit-distill")
 

@@ -11,10 +11,13 @@ and offsets of every Conv/Gemm weight, floats at 32) and its file size:
 - per-channel rounding at 8, 6, 4 and 3 bits (``--scheme B/B
   --no-compensation --refine none --granularity channel``: Eq. 6's grid);
 - onnxruntime ``quantize_static``, QDQ per channel, int8 and int4 weights,
-  uint8 activations calibrated on 32 Gaussian-noise inputs, and int4
+  uint8 activations calibrated on 32 Gaussian-noise inputs, and int8 and int4
   calibrated on 32 real images (the first 32 of jpeg10k: labelled real data);
 - the paper's DF-MPC at 2/6 and 3/6 (``--refine none``);
 - the tool's defaults at 2/6, 2/4, 3/6 and uniform 4 and 3;
+- the defaults at 4/8 and 8 with ``--activations 8 --storage portable``
+  (weights and activations quantized, data-free: W4A8 and W8A8 beside
+  onnxruntime's, which calibrates on noise or on real images);
 - ``--target-bits`` 4, 3.5, 3 and 2.5 with the default refinement.
 
 The tool's rows use the default synthetic inputs (distilled once per model
@@ -49,7 +52,9 @@ TOOL = [
     ("dfmpc default 3/6", dict(scheme="3/6")),
     ("dfmpc default, uniform 4", dict(scheme="4")),
     ("dfmpc default, uniform 3", dict(scheme="3")),
-] + [(f"dfmpc --target-bits {b:g}", dict(target_bits=b)) for b in (4.0, 3.5, 3.0, 2.5)]
+] + [(f"dfmpc --target-bits {b:g}", dict(target_bits=b)) for b in (4.0, 3.5, 3.0, 2.5)] + [
+    (f"dfmpc default {scheme}, --activations 8 (W{scheme.split('/')[0]}A8), portable",
+     dict(scheme=scheme, activations="8", storage="portable")) for scheme in ("4/8", "8")]
 
 
 def score(path: Path, data: dict) -> dict[str, float]:
@@ -80,6 +85,7 @@ def run(models: list[str], datasets: list[str], workdir: Path) -> list[dict]:
             results.append(row(model, "rounding", f"per-channel rounding {bits}-bit", out, data,
                                time.perf_counter() - start))
         peers = [("onnxruntime int8, noise calibration", "int8", random_batches(source, 32)),
+                 ("onnxruntime int8, 32 real images (real data)", "int8", [x[None] for x in calibration_images]),
                  ("onnxruntime int4, noise calibration", "int4", random_batches(source, 32)),
                  ("onnxruntime int4, 32 real images (real data)", "int4", [x[None] for x in calibration_images])]
         for method, weight_type, batches in peers:
