@@ -89,7 +89,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     qlayers = refine(graph, qlayers, folding.preactivation, inputs, plan, working, console)
     stopwatch.lap("refine")
 
-    emit(graph, qlayers, search.pairs, options.format, options.placement, options.storage)
+    emit(graph, qlayers, search.pairs, options.format, options.placement, plan.storage)
     ranges = quantize_activations(graph, qlayers, inputs, plan, working)
     result = assemble_model(graph, working, half)
     table = layer_reports(graph, qlayers, left_float)

@@ -95,7 +95,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
     for name, ql in qlayers.items():
         q, bias = ql.weight, ql.bias
         layer = ql.layer
-        parts = storage_parts(q.bits, storage)
+        parts = storage_parts(q.bits, storage, q.grid)
         base_step = parts[-1][1]
         scale = q.scale.astype(np.float32) * np.float32(base_step)
         per_tensor = bool(np.all(scale == scale[0]))
@@ -113,7 +113,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
                                      shape=list(layer.weight.shape)))
             graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.DequantizeLinear{index or ''}",
                                        inputs=[codes, part_scale], outputs=[terms[-1]], attrs=attrs))
-        if stores_offset(q.bits, storage):  # W = s (2 m + 1): the + s, broadcast along the output-channel axis
+        if stores_offset(q.bits, storage, q.grid):  # W = s (2 m + 1): the + s, broadcast along the output-channel axis
             shape = [1] * layer.weight.ndim
             shape[layer.out_axis] = -1
             channels = base if per_tensor else _reshaped(graph, names, name, base, shape)

@@ -71,10 +71,11 @@ class Options:
                     "given (with --refine none, the paper)", metavar="DB|off", parse=parse_protect)
     format: str = option("qdq", "qdq: integer weights + DequantizeLinear; float: the same weights as float "
                                 "initializers, for any runtime", choices=("qdq", "float"))
-    storage: str = option("exact", "integer types of qdq weights: exact spends the width's own bits (INT2/UINT2 need "
-                                   "opset 25, which OpenVINO 2026.4 does not load); portable uses only INT4 (opset 21) "
-                                   "and INT8, one DequantizeLinear per weight up to 7 bits, same weight values",
-                          choices=("exact", "portable"))
+    storage: str = option("auto", "integer types of qdq weights: exact spends the width's own bits (INT2/UINT2 need "
+                                  "opset 25, which OpenVINO 2026.4 does not load); portable uses only INT4 (opset 21) "
+                                  "and INT8, one DequantizeLinear per weight up to 7 bits, same weight values; auto: "
+                                  "portable with --activations (integer kernels take no INT2), else exact",
+                          choices=("auto", "exact", "portable"))
     activations: str = option("none", "also quantize the input of every quantized layer (QuantizeLinear/"
                                       "DequantizeLinear, uint8 or uint16, per tensor), its range calibrated on the "
                                       "synthetic inputs", choices=("none", "8", "16"))
@@ -89,6 +90,9 @@ class Options:
                                     choices=("auto", "twn", "optimal"))
     kbit_range: str = option("max", "M of the k-bit quantizer (Eq. 6): max|W| (the paper) or the clipped range "
                                     "with the least squared error", choices=("max", "mse"))
+    kbit_grid: str = option("dorefa", "levels of the k-bit quantizer: Eq. 6's 2^k odd levels (the paper, no zero), "
+                                      "or the symmetric integers -(2^(k-1)-1)..2^(k-1)-1 times M/(2^(k-1)-1) (plain "
+                                      "rounding as users know it, zero exact)", choices=("dorefa", "integer"))
     lambda1: float = option(0.5, "weight of the bias term of the closed form")
     lambda2: float = option(0.0, "weight of the ||c||^2 term of the closed form")
     compensate: bool = option(True, "plain rounding, c = 1 ('Original' in the paper)", flag="--no-compensation",
@@ -250,6 +254,9 @@ def _check_combinations(options: Options) -> None:
         raise InputError("--scheme and --target-bits exclude each other: --target-bits chooses the widths")
     if options.target_bits is not None and options.format != "qdq":
         raise InputError("--target-bits needs --format qdq (the budget is stored bits)")
+    if options.activations != "none" and options.storage == "exact":
+        raise InputError("--activations needs --storage portable (or auto): onnxruntime's integer kernels, which "
+                         "quantized activations select, take no INT2/UINT2 weights")
     if options.placement == "consumer" and (options.format == "qdq" or options.relu6 == "pair"
                                             or options.refine not in ("auto", "none")):
         raise InputError("--placement consumer needs --format float, runs no refinement (--refine none) and "
@@ -287,6 +294,8 @@ class Plan:
     """The synthetic inputs made, None when nothing needs them or the model cannot take them."""
     refine: str
     ternary_threshold: str
+    storage: str = "exact"
+    """exact or portable (``--storage auto`` resolved)."""
     protect: bool = False
     """Whether the pairs are probed and raised (``--protect`` under a LOW < HIGH scheme, with inputs)."""
     decisions: tuple[str, ...] = ()
@@ -339,5 +348,6 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
         # with refit each consumer is re-solved against the float outputs, so the smaller weight error of
         # the least-squares threshold carries through; it scored higher there and lower under stats
         ternary_threshold = "optimal" if refine == "refit" else "twn"
-    return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, protecting,
-                tuple(decisions))
+    storage = options.storage if options.storage != "auto" else "portable" if activating else "exact"
+    return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, storage,
+                protecting, tuple(decisions))

@@ -53,7 +53,7 @@ def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan) -> QuantizedWe
     """Weight rows at ``bits``: ternary (Eqs. 3-4) or DoReFa (Eq. 6), with the plan's scales, ternary
     threshold and k-bit range."""
     return quantize_rows(rows, bits, plan.options.per_channel(bits), plan.ternary_threshold,
-                         plan.options.kbit_range)
+                         plan.options.kbit_range, plan.options.kbit_grid)
 
 
 def layer_compensation(layer: Layer, q: QuantizedWeight, options: Options) -> np.ndarray:

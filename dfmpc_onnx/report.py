@@ -52,6 +52,8 @@ class Report:
     scheme: str
     """LOW/HIGH, or "target B bits" under --target-bits."""
     format: str
+    storage: str
+    """exact or portable integer types (qdq only)."""
     granularity: str
     ternary_threshold: str
     kbit_range: str
@@ -132,7 +134,8 @@ class Report:
     def format_summary(self) -> str:
         compensation = f"lambda1={self.lambda1:g} lambda2={self.lambda2:g}" if self.compensate else "off"
         lines = [
-            f"scheme {self.scheme} ({self.format}, {self.granularity} scales, {self.ternary_threshold} ternary "
+            f"scheme {self.scheme} ({self.format}" + (f" {self.storage}" if self.format == "qdq" else "")
+            + f", {self.granularity} scales, {self.ternary_threshold} ternary "
             f"threshold, k-bit range {self.kbit_range}, compensation {compensation}, refinement {self.refine})",
             f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, {self.count('high')} high, "
             f"{self.count('unpaired')} unpaired at high bits; {self.count('float')} left float",
@@ -185,7 +188,8 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
     notes += [note for note in (runtime_note(result),) if note]
     return Report(
         input=label, scheme=str(plan.scheme) if plan.scheme else f"target {options.target_bits:g} bits",
-        format=options.format, granularity=options.granularity, ternary_threshold=plan.ternary_threshold,
+        format=options.format, storage=plan.storage, granularity=options.granularity,
+        ternary_threshold=plan.ternary_threshold,
         kbit_range=options.kbit_range, lambda1=options.lambda1, lambda2=options.lambda2,
         compensate=options.compensate, placement=options.placement, relu6=options.relu6, refine=plan.refine,
         activation_bits=None if options.activations == "none" else int(options.activations),

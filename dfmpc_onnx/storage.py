@@ -19,7 +19,7 @@ from .options import WIDTHS, Plan
 STORAGE = ("exact", "portable")
 
 
-def storage_parts(bits: int, storage: str = "exact") -> tuple[tuple[type, int], ...]:
+def storage_parts(bits: int, storage: str = "exact", grid: str = "dorefa") -> tuple[tuple[type, int], ...]:
     """How a layer quantized to ``bits`` is stored: (integer type, step) per part, the step in units of
     the quantizer's scale s.
 
@@ -29,18 +29,27 @@ def storage_parts(bits: int, storage: str = "exact") -> tuple[tuple[type, int], 
     goes in INT4, INT8 or INT16 with step 2, or, for 5 and 6 bits, in an INT4
     high part and a UINT2 low part, m = 4 hi + lo (steps 8 and 2), so that
     6-bit weights take 6 bits. The "+ s" is added after the DequantizeLinear
-    nodes; the file stores one scale per channel (``emit_qdq``).
+    nodes; the file stores one scale per channel (``emit_qdq``). Codes of the
+    ``integer`` grid are stored themselves (W = s q) in the same types, with
+    half the steps and no offset.
 
     ``portable`` uses only the types that onnxruntime and OpenVINO both load
     (INT4 at opset 21, INT8), and where it can, one DequantizeLinear that
     feeds the layer directly, as QDQ toolchains expect: the codes themselves
-    with step 1 (W = s q) in INT4 up to 3 bits (|q| <= 7) and in INT8 up to 7
-    (|q| <= 127); 8-bit codes as m in INT8 with the "+ s" (|q| <= 255).
+    with step 1 (W = s q), DoReFa's in INT4 up to 3 bits (|q| <= 7) and in
+    INT8 up to 7 (|q| <= 127), 8-bit DoReFa codes as m in INT8 with the
+    "+ s" (|q| <= 255); integer codes in INT4 up to 4 bits, else INT8.
     """
+    if bits == 2:
+        return ((ml_dtypes.int4, 1),) if storage == "portable" else ((ml_dtypes.int2, 1),)
+    if grid == "integer":
+        if bits <= 4:
+            return ((ml_dtypes.int4, 1),)
+        if bits <= 6 and storage == "exact":
+            return ((ml_dtypes.int4, 4), (ml_dtypes.uint2, 1))
+        return ((np.int8, 1),) if bits <= 8 else ((np.int16, 1),)
     if storage == "portable" and bits <= 7:
         return ((ml_dtypes.int4 if bits <= 3 else np.int8, 1),)
-    if bits == 2:
-        return ((ml_dtypes.int2, 1),)
     if bits <= 4:
         return ((ml_dtypes.int4, 2),)
     if bits <= 6:
@@ -52,19 +61,19 @@ def storage_parts(bits: int, storage: str = "exact") -> tuple[tuple[type, int], 
     raise ValueError(f"no integer storage for {bits}-bit weights")
 
 
-def stores_offset(bits: int, storage: str = "exact") -> bool:
+def stores_offset(bits: int, storage: str = "exact", grid: str = "dorefa") -> bool:
     """Whether the parts hold m = (q - 1) / 2 of DoReFa codes, so that W = s (2 m + 1) needs the "+ s" in the
-    graph; otherwise they hold the codes themselves (step 1)."""
-    return bits > 2 and storage_parts(bits, storage)[-1][1] != 1
+    graph; otherwise they hold the codes themselves."""
+    return grid == "dorefa" and bits > 2 and storage_parts(bits, storage, grid)[-1][1] != 1
 
 
 OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}
 """The first opset whose DequantizeLinear takes the type with a per-axis scale."""
 
 
-def storage_opset(bits: int, storage: str = "exact") -> int:
-    """The opset that ``storage_parts(bits, storage)`` needs."""
-    return max(OPSET_FOR_TYPE[dtype] for dtype, _ in storage_parts(bits, storage))
+def storage_opset(bits: int, storage: str = "exact", grid: str = "dorefa") -> int:
+    """The opset that ``storage_parts(bits, storage, grid)`` needs."""
+    return max(OPSET_FOR_TYPE[dtype] for dtype, _ in storage_parts(bits, storage, grid))
 
 
 def stored_rows(q: QuantizedWeight, storage: str = "exact") -> np.ndarray:
@@ -72,29 +81,29 @@ def stored_rows(q: QuantizedWeight, storage: str = "exact") -> np.ndarray:
     each part times (step x scale), summed, plus the scale for m of DoReFa codes."""
     scale = q.scale.astype(np.float32)[:, None]
     rows = None
-    for (_, step), part in zip(storage_parts(q.bits, storage), split_codes(q, storage)):
+    for (_, step), part in zip(storage_parts(q.bits, storage, q.grid), split_codes(q, storage)):
         term = part.astype(np.float32) * (scale * np.float32(step))
         rows = term if rows is None else rows + term
-    return rows + scale if stores_offset(q.bits, storage) else rows
+    return rows + scale if stores_offset(q.bits, storage, q.grid) else rows
 
 
 def split_codes(q: QuantizedWeight, storage: str = "exact") -> list[np.ndarray]:
-    """The integer parts of ``storage_parts(q.bits, storage)`` for q's codes (rows), in order."""
-    if not stores_offset(q.bits, storage):
-        return [q.codes]
-    if len(storage_parts(q.bits, storage)) == 2:
-        return list(_high_and_low(q.codes))
-    return [(q.codes - 1) // 2]  # odd codes: exact, and in the codes' own integer type
+    """The integer parts of ``storage_parts(q.bits, storage, q.grid)`` for q's codes (rows), in order."""
+    offset = stores_offset(q.bits, storage, q.grid)
+    if len(storage_parts(q.bits, storage, q.grid)) == 2:
+        return list(_high_and_low(q.codes, offset))
+    return [(q.codes - 1) // 2] if offset else [q.codes]  # odd codes: exact, in the codes' own integer type
 
 
 @njit(cache=True, parallel=True)
-def _high_and_low(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """m = (q - 1) / 2 split as m = 4 hi + lo, hi in [-8, 7], lo in [0, 3], in one pass."""
+def _high_and_low(codes: np.ndarray, odd: bool) -> tuple[np.ndarray, np.ndarray]:
+    """m = (q - 1) / 2 (``odd``: DoReFa codes) or m = q, split as m = 4 hi + lo, hi in [-8, 7], lo in [0, 3],
+    in one pass."""
     high = np.empty(codes.shape, dtype=np.int8)
     low = np.empty(codes.shape, dtype=np.int8)
     for j in prange(codes.shape[0]):
         for k in range(codes.shape[1]):
-            m = (np.int32(codes[j, k]) - 1) >> 1
+            m = (np.int32(codes[j, k]) - 1) >> 1 if odd else np.int32(codes[j, k])
             high[j, k] = m >> 2
             low[j, k] = m & 3
     return high, low
@@ -151,7 +160,7 @@ def required_opset(plan: Plan, half: bool = False) -> int:
     when ``half``."""
     options = plan.options
     widths = (plan.scheme.low, plan.scheme.high) if plan.scheme is not None else WIDTHS
-    weights = [storage_opset(bits, options.storage) for bits in widths] if options.format == "qdq" else []
+    weights = [storage_opset(bits, plan.storage, options.kbit_grid) for bits in widths] if options.format == "qdq" else []
     activations = [ACTIVATION_OPSET[int(options.activations)]] if options.activations != "none" else []
     return max(weights + activations + [FLOAT16_SCALES_OPSET if half and weights else 0])
 

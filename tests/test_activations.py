@@ -87,3 +87,14 @@ def test_openvino_runs_activation_quantized_outputs(resnet20):
     got = openvino_outputs(model, x)
     assert np.abs(got - reference).max() <= 0.05 * np.abs(reference).max()
     assert np.array_equal(got.argmax(1), reference.argmax(1))
+
+
+def test_activations_store_weights_portably_and_refuse_exact_storage():
+    model, report = quantize(chain_model(), "2/6", synthetic="pink", samples=8, activations="8")
+    assert report.storage == "portable" and report.check is not None  # onnxruntime loaded it: no INT2 kernels
+    assert {t.data_type for t in model.graph.initializer} & {onnx.TensorProto.INT2, onnx.TensorProto.UINT2} == set()
+    assert "(qdq portable," in report.format_summary()
+    with pytest.raises(InputError, match="--activations needs --storage portable"):
+        quantize(chain_model(), "2/6", activations="8", storage="exact")
+    _, plain = quantize(chain_model(), "2/6", refine="none", protect="off", check=False)
+    assert plain.storage == "exact"

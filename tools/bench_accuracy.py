@@ -75,10 +75,15 @@ METHODS = {
     "protect-pink": (f"DF-MPC + stats, pink noise, --protect {PROTECT_DB:g}", dict(refine="stats", synthetic="pink")),
     "default": (f"DF-MPC + refit, distilled, --protect {PROTECT_DB:g} (default)",
                 dict(refine="refit", synthetic="distill")),
+    **{f"protect-{db}": (f"DF-MPC + refit, distilled, --protect {db}", dict(refine="refit", synthetic="distill", protect=db))
+       for db in (3, 4, 8, 10)},
     **{f"a8-{estimator}": (f"default + --activations 8, {estimator} ranges",
                            dict(refine="refit", synthetic="distill", activations="8", activation_range=estimator))
        for estimator in ("minmax", "percentile", "mse")},
 }
+SWEEPS = ("protect-", "a8-")
+"""Method keys that the README's table leaves out (``--methods`` runs them): the --protect threshold sweep
+and the activation range estimators."""
 TERNARY_ONLY = ("optimal-pink", "twn-refit-distill")
 
 
@@ -160,7 +165,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cifar10_resnet20", "cifar10_resnet56"])
     parser.add_argument("--schemes", nargs="+", default=["2/6", "3/6", "4/8"])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        default=[key for key in METHODS if not key.startswith(SWEEPS)])
     parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=["exact846", "jpeg10k"])
     parser.add_argument("--granularity", choices=("auto", "tensor", "channel"), default="auto",
                         help="quantizer scales of the rows not named after the paper (default auto, the tool's "

@@ -8,8 +8,10 @@ scoring only) with its stored bits per weight measured from the written file
 (``dfmpc_onnx.report.stored_bits_per_weight``: integers, scales, zero points
 and offsets of every Conv/Gemm weight, floats at 32) and its file size:
 
-- per-channel rounding at 8, 6, 4 and 3 bits (``--scheme B/B
-  --no-compensation --refine none --granularity channel``: Eq. 6's grid);
+- per-channel rounding at 8, 6, 4 and 3 bits as users know it: symmetric
+  integers, max-scaled per output channel (``--scheme B/B
+  --no-compensation --refine none --granularity channel --kbit-grid
+  integer``; Eq. 6's grid has no zero and scored below it);
 - onnxruntime ``quantize_static``, QDQ per channel, int8 and int4 weights,
   uint8 activations calibrated on 32 Gaussian-noise inputs, and int8 and int4
   calibrated on 32 real images (the first 32 of jpeg10k: labelled real data);
@@ -81,8 +83,8 @@ def run(models: list[str], datasets: list[str], workdir: Path) -> list[dict]:
             out = workdir / f"{model}-round{bits}.onnx"
             start = time.perf_counter()
             dfmpc_onnx.quantize_file(source, out, scheme=f"{bits}/{bits}", compensate=False, refine="none",
-                                     granularity="channel", check=False)
-            results.append(row(model, "rounding", f"per-channel rounding {bits}-bit", out, data,
+                                     granularity="channel", kbit_grid="integer", check=False)
+            results.append(row(model, "rounding", f"per-channel rounding {bits}-bit (symmetric integers)", out, data,
                                time.perf_counter() - start))
         peers = [("onnxruntime int8, noise calibration", "int8", random_batches(source, 32)),
                  ("onnxruntime int8, 32 real images (real data)", "int8", [x[None] for x in calibration_images]),

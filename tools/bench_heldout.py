@@ -51,8 +51,10 @@ class HeldOut:
 
 CIFAR_RESNET = dict(data="cifar", scale=1 / 255, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
 RAW = ("--input-range 0,255", dict(input_range="0,255"))
-ROUNDING = [(f"per-channel rounding {b}-bit", dict(scheme=str(b), compensate=False, refine="none",
-                                                   granularity="channel")) for b in (4, 6)]
+ROUNDING = [(f"per-channel rounding {b}-bit (symmetric integers)",
+             dict(scheme=str(b), compensate=False, refine="none", granularity="channel", kbit_grid="integer"))
+            for b in (4, 6)]
+"""Plain rounding as users know it: symmetric integers, max-scaled per output channel (``--kbit-grid integer``)."""
 MODELS = {
     "cifar10_resnet32": HeldOut("cifar10_resnet-akamaster/cifar10_resnet32.onnx", "akamaster/pytorch_resnet_cifar10, "
                                 "BSD-2-Clause, exported with torch.onnx (BN kept)", **CIFAR_RESNET,

@@ -34,6 +34,11 @@ VARIANTS = {  # further rows, on request (--variants)
     "refit-pink": ("--refine refit --synthetic pink", dict(refine="refit", synthetic="pink")),
     "distill": ("--synthetic distill (logits objective)", dict(synthetic="distill")),
     "distill-stats": ("--synthetic distill --refine stats", dict(synthetic="distill", refine="stats")),
+    "integer": ("--kbit-grid integer, default refinement", dict(kbit_grid="integer")),
+    "integer-none": ("--kbit-grid integer, --refine none", dict(kbit_grid="integer", refine="none")),
+    "rounding-integer": ("plain rounding, symmetric integers per channel",
+                         dict(kbit_grid="integer", compensate=False, refine="none", granularity="channel",
+                              protect="off")),
 }
 
 

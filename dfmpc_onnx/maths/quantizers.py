@@ -28,13 +28,15 @@ class QuantizedWeight:
     scale: np.ndarray
     bits: int
     storage_bits: int
+    grid: str = "dorefa"
+    """For k-bit codes: "dorefa" (Eq. 6's odd codes) or "integer" (symmetric integers, ``integer_quantize``)."""
 
     def dequantize(self) -> np.ndarray:
         """codes x scale in float32, exactly as DequantizeLinear computes it."""
         return self.codes.astype(np.float32) * self.scale.astype(np.float32)[:, None]
 
     def with_scale(self, scale: np.ndarray) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, np.asarray(scale, dtype=np.float64), self.bits, self.storage_bits)
+        return QuantizedWeight(self.codes, np.asarray(scale, dtype=np.float64), self.bits, self.storage_bits, self.grid)
 
     def sqnr_db(self, rows: np.ndarray) -> float:
         """``sqnr_db(rows, self.dequantize())`` in one pass, without forming the dequantized weight."""
@@ -135,16 +137,54 @@ def mse_range(w: np.ndarray, m: np.ndarray, levels: int, axis: int | None, grid:
     return best
 
 
+def integer_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit_range: str = "max") -> QuantizedWeight:
+    """k-bit symmetric integer weights, plain rounding as users know it (not the paper's grid):
+
+        What = s clip(round(W / s), -L, L),  s = M / L,  L = 2^(k-1) - 1,  M = max(|W|)
+
+    2L + 1 levels with zero among them (Eq. 6 has 2^k levels and no zero). M per tensor or per output
+    channel; ``kbit_range`` "mse" takes the alpha M (alpha in [0.3, 1]) with the least squared error.
+    """
+    if bits < 2:
+        raise ValueError(f"bit width must be at least 2, got {bits}")
+    limit = 2 ** (bits - 1) - 1
+    w = np.ascontiguousarray(rows).astype(np.float64)
+    _, row_max = _row_abs_sum_and_max(np.ascontiguousarray(rows))
+    m = row_max if per_channel else np.full(w.shape[0], row_max.max(initial=0.0))
+    if kbit_range == "mse" and w.size:
+        m = _integer_mse_range(w, m, limit, per_channel)
+    scale = np.where(m > 0, m, 1.0) / limit
+    codes = np.clip(np.rint(w / scale[:, None]), -limit, limit).astype(_int_type(bits))
+    return QuantizedWeight(codes, np.where(m > 0, scale, 0.0), bits=bits, storage_bits=bits, grid="integer")
+
+
+def _integer_mse_range(w: np.ndarray, m: np.ndarray, limit: int, per_channel: bool, grid: int = 36) -> np.ndarray:
+    """alpha M per row (or tensor), alpha on a grid in [0.3, 1], with the least squared error of the integer grid."""
+    best, best_error = m.copy(), np.full(m.shape, np.inf)
+    for alpha in np.linspace(0.3, 1.0, grid):
+        scale = np.where(m > 0, m * alpha, 1.0) / limit
+        error = np.square(w - np.clip(np.rint(w / scale[:, None]), -limit, limit) * scale[:, None]).sum(axis=1)
+        if not per_channel:
+            error = np.full(m.shape, error.sum())
+        better = error < best_error
+        best, best_error = np.where(better, m * alpha, best), np.where(better, error, best_error)
+    return best
+
+
 TERNARY_THRESHOLDS = ("twn", "optimal")
+KBIT_GRIDS = ("dorefa", "integer")
 
 
 def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary_threshold: str = "twn",
-                  kbit_range: str = "max") -> QuantizedWeight:
-    """Ternary for 2 bits (Eqs. 3-4, or the optimal threshold), DoReFa for 3 bits and more (Eq. 6)."""
+                  kbit_range: str = "max", kbit_grid: str = "dorefa") -> QuantizedWeight:
+    """Ternary for 2 bits (Eqs. 3-4, or the optimal threshold); for 3 bits and more DoReFa (Eq. 6) or the
+    symmetric integer grid (``integer_quantize``)."""
     if bits == 2:
         if ternary_threshold == "optimal":
             return optimal_ternary_quantize(rows, per_channel)
         return ternary_quantize(rows, per_channel)
+    if kbit_grid == "integer":
+        return integer_quantize(rows, bits, per_channel, kbit_range)
     return dorefa_quantize(rows, bits, per_channel, kbit_range)
 
 
