@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .scheme import Scheme
+from .values import Scheme, parse_input_shape, parse_protect
 
 WIDTHS = (2, 4, 6, 8)
 """The bit widths ``--target-bits`` chooses from (3 and 5 bits are stored in 4 and 6, so never cheaper)."""
@@ -32,25 +32,6 @@ def option(default, help: str, *, choices: tuple | None = None, flag: str | tupl
     help and the README state it, where the field's own (None) means "decided later"."""
     return field(default=default, metadata=dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli,
                                                 parse=parse, shown=shown))
-
-
-def parse_protect(text: str) -> float | None:
-    """A ``--protect`` value: a number of dB, or "off"."""
-    if str(text).strip().lower() == "off":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise InputError(f"--protect: '{text}' is not a number of dB or 'off'") from None
-
-
-def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...]]:
-    """An ``--input-shape`` value, "1,3,224,224", "3,224,224" or "input:1,3,224,224", as (name or None, dims)."""
-    name, _, dims = str(spec).rpartition(":")
-    try:
-        return name or None, tuple(int(d) for d in dims.replace("x", ",").split(","))
-    except ValueError:
-        raise InputError(f"--input-shape: '{spec}' is not [NAME:]D0,D1,... with integer dims") from None
 
 
 @dataclass(frozen=True)
