@@ -60,7 +60,7 @@ class Options:
     activations: str = option("none", "also quantize the input of every quantized layer (QuantizeLinear/"
                                       "DequantizeLinear, uint8 or uint16, per tensor), its range calibrated on the "
                                       "synthetic inputs", choices=("none", "8", "16"))
-    activation_range: str = option("minmax", "how --activations sets each range: min/max, the 0.01/99.99 "
+    activation_range: str = option("mse", "how --activations sets each range: min/max, the 0.01/99.99 "
                                              "percentiles, or the clipping with the least squared error",
                                    choices=("minmax", "percentile", "mse"))
     granularity: str = option("auto", "quantizer scales per tensor (the paper) or per output channel; auto: per "
@@ -308,8 +308,10 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     decisions = decisions if options.refine in ("auto", "stats", "refit") or options.target_bits else []
     refine = options.refine
     if refine == "auto":
-        # least squares on noise hurts (README, "Results"), and refinement needs producer placement
-        refine = "none" if options.placement == "consumer" else "refit" if synthetic == "distill" else "stats"
+        # least squares on noise hurts (README, "Results"), and so it did on inputs distilled without BatchNorm
+        # statistics (README, "Models without BatchNorm statistics"); refinement needs producer placement
+        refit = synthetic == "distill" and facts.has_batchnorm
+        refine = "none" if options.placement == "consumer" else "refit" if refit else "stats"
     scheme = options.scheme or (Scheme.parse(DEFAULT_SCHEME) if options.target_bits is None else None)
     protecting = options.protect is not None and scheme is not None and scheme.low < scheme.high
     refining = refine in ("stats", "refit")

@@ -101,6 +101,7 @@ def test_no_compensation_leaves_weights_on_the_plain_ternary_grid():
     ("auto", "auto", True, ("distill", "refit", "optimal")),
     ("auto", "auto", False, ("pink", "stats", "twn")),
     ("noise", "auto", True, ("noise", "stats", "twn")),
+    ("distill", "auto", False, ("distill", "stats", "twn")),  # no BatchNorm statistics: refit on them scored lower
     ("auto", "none", True, ("pink", "none", "twn")),  # for --protect's probe only: noise, not distillation
     ("auto", "bias", True, ("pink", "bias", "twn")),
 ])

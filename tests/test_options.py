@@ -154,7 +154,7 @@ def test_the_readme_options_table_is_the_generated_one():
 
 
 @pytest.mark.parametrize("facts,expected", [
-    (ModelFacts(False, None, classifier=True, macs=1.3e8), ("distill", "refit")),
+    (ModelFacts(False, None, classifier=True, macs=1.3e8), ("distill", "stats")),
     (ModelFacts(False, None, classifier=True, macs=4e8), ("pink", "stats")),
     (ModelFacts(False, None, classifier=True, macs=None), ("pink", "stats")),
     (ModelFacts(False, None, classifier=False, macs=1e6), ("pink", "stats")),

@@ -174,6 +174,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="folder for the table and JSON")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its results markers")
+    parser.add_argument("--key", default="accuracy", help="the README markers to write between (default accuracy)")
     args = parser.parse_args()
     missing = [name for name in args.data if not (SHARED / "data" / DATASETS[name]).exists()]
     if missing:
@@ -182,7 +183,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         results = run(args.models, args.schemes, args.methods, args.data, Path(workdir), args.granularity)
-    publish(markdown(results, args.data), results, args.out, "accuracy", args.readme)
+    publish(markdown(results, args.data), results, args.out, args.key, args.readme)
     return 0
 
 
