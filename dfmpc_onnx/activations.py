@@ -47,23 +47,17 @@ def activation_ranges(graph: gs.Graph, like: onnx.ModelProto, names: list[str], 
     chunk = min(batch_chunk(graph), CALIBRATION_CHUNK)
     runs = -(-len(inputs) // chunk)
     rng = np.random.default_rng(seed)
-    subsets: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    extremes: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in names}
     input_name = session.get_inputs()[0].name
     for start in range(0, len(inputs), chunk):
         with own_graph("activation calibration"):
             outputs = session.run(names, {input_name: inputs[start:start + chunk]})
         for name, value in zip(names, outputs):
             flat = value.reshape(-1)
-            extremes[name].append((float(flat.min()), float(flat.max())))
-            subsets[name].append(flat[rng.integers(0, flat.size, SAMPLES_PER_TENSOR // runs)])
-    ranges = {}
-    for name in names:
-        if estimator == "minmax":
-            ranges[name] = (min(lo for lo, _ in extremes[name]), max(hi for _, hi in extremes[name]))
-        else:
-            ranges[name] = estimate_range(np.concatenate(subsets[name]).astype(np.float64), estimator, bits)
-    return ranges
+            # min/max needs only each chunk's extremes; the other estimators a random subset of the values
+            kept[name].append(np.array([flat.min(), flat.max()]) if estimator == "minmax"
+                              else flat[rng.integers(0, flat.size, SAMPLES_PER_TENSOR // runs)])
+    return {name: estimate_range(np.concatenate(kept[name]).astype(np.float64), estimator, bits) for name in names}
 
 
 def insert_qdq(graph: gs.Graph, nodes: list[gs.Node], ranges: dict[str, tuple[float, float]], bits: int) -> None:

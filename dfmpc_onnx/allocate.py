@@ -12,7 +12,6 @@ saved, until the average stored bits per weight reach the budget.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import Layer, from_rows
+from .maths.quantizers import decibels
 from .options import WIDTHS, Plan
 from .pairs import Pair, PairSearch
 from .plan import compensated, layer_compensation, quantize_layer, scheme_bits
@@ -193,15 +193,11 @@ def protect_pairs(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Laye
     progress = console.progress("protect", len(units), "pairs measured")
     found = []
     for unit in units:
-        sqnr = _sqnr_db(*probe.noise(weights.unit(unit, (low, high))))
-        raised = sqnr < plan.options.protect and _sqnr_db(*probe.noise(weights.unit(unit, (high, high)))) > sqnr
+        sqnr = decibels(*probe.noise(weights.unit(unit, (low, high))))
+        raised = sqnr < plan.options.protect and decibels(*probe.noise(weights.unit(unit, (high, high)))) > sqnr
         found.append(Protection(unit.producers, unit.consumer, round(sqnr, 2), raised))
         progress.advance()
     return found
-
-
-def _sqnr_db(signal: float, noise: float) -> float:
-    return float("inf") if noise <= 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
 
 
 def _protection_note(protection: list[Protection], plan: Plan) -> str:

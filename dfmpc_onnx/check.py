@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CheckError, InputError, first_line
+from .maths.quantizers import decibels
 from .fidelity import Fidelity, measure_fidelity, run_batches
 from .runtime import model_session, resolve_providers, session_options, session_source
 
@@ -61,8 +62,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> tuple[float
     cosine = float(r @ c / norm) if norm > 0 else float(np.array_equal(r, c))
     noise = float(np.sum((r - c) ** 2))
     signal = float(np.sum(r**2))
-    sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
-    return cosine, sqnr
+    return cosine, decibels(signal, noise)
 
 
 @dataclass(frozen=True)

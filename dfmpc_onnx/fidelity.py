@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from .maths.quantizers import decibels
+
 AGREEMENT_WARNING = 90.0
 """Top-1 agreement (percent) below which the summary warns."""
 SQNR_WARNING_DB = 10.0
@@ -72,7 +74,7 @@ def measure_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], n
     for name, r, c in zip(names, reference, candidate):
         r64, c64 = r.astype(np.float64), c.astype(np.float64)
         noise, signal = float(np.sum((r64 - c64) ** 2)), float(np.sum(r64**2))
-        sqnr = float("inf") if noise == 0 else 10 * np.log10(signal / noise) if signal > 0 else float("-inf")
+        sqnr = decibels(signal, noise)
         agreement = None
         if classifier_like(r.shape):
             agreement = 100.0 * float(np.mean(r.argmax(axis=-1) == c.argmax(axis=-1)))

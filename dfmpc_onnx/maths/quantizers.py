@@ -41,7 +41,7 @@ class QuantizedWeight:
     def sqnr_db(self, rows: np.ndarray) -> float:
         """``sqnr_db(rows, self.dequantize())`` in one pass, without forming the dequantized weight."""
         signal, noise = _signal_and_noise(np.ascontiguousarray(rows), self.codes, self.scale.astype(np.float32))
-        return _decibels(signal, noise)
+        return decibels(signal, noise)
 
 
 def ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> QuantizedWeight:
@@ -196,10 +196,11 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio 10 log10(|W|^2 / |W - What|^2) in dB (inf if exact)."""
     signal = float(np.sum(np.square(reference, dtype=np.float64)))
     noise = float(np.sum(np.square(reference.astype(np.float64) - approx.astype(np.float64))))
-    return _decibels(signal, noise)
+    return decibels(signal, noise)
 
 
-def _decibels(signal: float, noise: float) -> float:
+def decibels(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) of two energies: inf when the noise is zero, -inf when the signal is."""
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
