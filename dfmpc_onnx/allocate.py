@@ -7,7 +7,9 @@ its own, the rest of the model float, and the output noise it causes on the
 synthetic inputs is measured (``sensitivity.OutputProbe``). Treating the
 noises as additive, a greedy search starts every unit at its widest option
 and repeatedly takes the narrowing that costs the least noise per stored bit
-saved, until the average stored bits per weight reach the budget.
+saved, until the average stored bits per weight reach the budget. A
+layer's cost is what the file will spend on it (``storage.stored_weight_bits``:
+integers and scales), so the budget is the one the file is measured by.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .pairs import Pair, PairSearch
 from .plan import compensated, layer_compensation, quantize_layer, scheme_bits
 from .progress import Console
 from .sensitivity import Weights, output_probe
+from .storage import stored_weight_bits
 
 
 @dataclass(frozen=True)
@@ -55,36 +58,48 @@ def make_units(layers: list[str], pairs: tuple[Pair, ...]) -> list[Unit]:
     return [Unit(tuple(producers.get(name, ())), name) for name in layers if name not in paired]
 
 
-def unit_bits(unit: Unit, option: tuple[int, int], sizes: dict[str, int]) -> int:
-    """Stored integer bits of ``unit`` at ``option`` (``sizes``: weights per layer)."""
+Costs = dict[str, dict[int, int]]
+"""Layer -> bits -> what the file spends on the layer's weight at those bits (``layer_costs``)."""
+
+
+def layer_costs(layers: dict[str, Layer], units: list[Unit], plan: Plan) -> Costs:
+    """Stored bits of each layer's weight at each of ``WIDTHS``, scales included (a pair producer's scales
+    are per channel whatever its quantizer's: they carry c)."""
+    options = plan.options
+    producers = {p for unit in units for p in unit.producers} if options.compensate else set()
+    return {name: {b: stored_weight_bits(b, layer.weight.shape, layer.out_axis,
+                                         name in producers or options.per_channel(b), plan.storage, options.kbit_grid)
+                   for b in WIDTHS}
+            for name, layer in layers.items()}
+
+
+def unit_bits(unit: Unit, option: tuple[int, int], costs: Costs) -> int:
+    """Stored bits of ``unit`` at ``option`` (producer bits, consumer bits)."""
     low, high = option
-    return sum(low * sizes[p] for p in unit.producers) + high * sizes[unit.consumer]
+    return sum(costs[p][low] for p in unit.producers) + costs[unit.consumer][high]
 
 
-def uniform_allocations(units: list[Unit], sizes: dict[str, int], target_bits: float) -> list[dict[int, tuple[int, int]]]:
-    """Every allocation that gives all units the same width (b, b) and fits the budget."""
-    total = sum(sizes[name] for unit in units for name in unit.layers)
+def uniform_allocations(units: list[Unit], costs: Costs, budget: float) -> list[dict[int, tuple[int, int]]]:
+    """Every allocation that gives all units the same width (b, b) and fits ``budget`` (stored bits)."""
     return [{i: (b, b) for i in range(len(units))} for b in WIDTHS
-            if sum(unit_bits(unit, (b, b), sizes) for unit in units) <= target_bits * total]
+            if sum(unit_bits(unit, (b, b), costs) for unit in units) <= budget]
 
 
-def greedy_allocation(units: list[Unit], sizes: dict[str, int], noise: dict[tuple[int, tuple[int, int]], float],
-                      target_bits: float) -> dict[int, tuple[int, int]]:
-    """Unit index -> option with average stored bits per weight at most ``target_bits`` where any
-    allocation reaches it (else the narrowest), by least added noise per bit saved.
+def greedy_allocation(units: list[Unit], costs: Costs, noise: dict[tuple[int, tuple[int, int]], float],
+                      budget: float) -> dict[int, tuple[int, int]]:
+    """Unit index -> option with at most ``budget`` stored bits in all where any allocation reaches it
+    (else the narrowest), by least added noise per bit saved.
 
     ``noise[(i, option)]`` is the output noise power of unit i alone at that option.
     """
-    total_weights = sum(sizes[name] for unit in units for name in unit.layers)
-    budget = target_bits * total_weights
-    choice = {i: max(unit.options(), key=lambda o: (unit_bits(unit, o, sizes), o)) for i, unit in enumerate(units)}
-    used = sum(unit_bits(unit, choice[i], sizes) for i, unit in enumerate(units))
+    choice = {i: max(unit.options(), key=lambda o: (unit_bits(unit, o, costs), o)) for i, unit in enumerate(units)}
+    used = sum(unit_bits(unit, choice[i], costs) for i, unit in enumerate(units))
     while used > budget:
         best = None
         for i, unit in enumerate(units):
-            current_bits = unit_bits(unit, choice[i], sizes)
+            current_bits = unit_bits(unit, choice[i], costs)
             for option in unit.options():
-                saved = current_bits - unit_bits(unit, option, sizes)
+                saved = current_bits - unit_bits(unit, option, costs)
                 if saved <= 0:
                     continue
                 cost = (noise[(i, option)] - noise[(i, choice[i])]) / saved
@@ -96,10 +111,10 @@ def greedy_allocation(units: list[Unit], sizes: dict[str, int], noise: dict[tupl
         _, i, option, saved = best
         choice[i] = option
         used -= saved
-    return _refill(units, sizes, noise, choice, budget - used)
+    return _refill(units, costs, noise, choice, budget - used)
 
 
-def _refill(units: list[Unit], sizes: dict[str, int], noise: dict[tuple[int, tuple[int, int]], float],
+def _refill(units: list[Unit], costs: Costs, noise: dict[tuple[int, tuple[int, int]], float],
             choice: dict[int, tuple[int, int]], spare: float) -> dict[int, tuple[int, int]]:
     """Spend what the narrowing left of the budget: widen the unit whose widening removes the most noise
     per added bit, while one fits."""
@@ -107,9 +122,9 @@ def _refill(units: list[Unit], sizes: dict[str, int], noise: dict[tuple[int, tup
     while True:
         best = None
         for i, unit in enumerate(units):
-            current_bits = unit_bits(unit, choice[i], sizes)
+            current_bits = unit_bits(unit, choice[i], costs)
             for option in unit.options():
-                added = unit_bits(unit, option, sizes) - current_bits
+                added = unit_bits(unit, option, costs) - current_bits
                 gain = noise[(i, choice[i])] - noise[(i, option)]
                 if 0 < added <= spare and gain > 0:
                     key = (-gain / added, i, option)
@@ -228,24 +243,25 @@ def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Laye
         for option in unit.options():
             noise[i, option] = probe.noise(weights.unit(unit, option))[1]
         progress.advance()
-    budget = plan.options.target_bits
-    candidates = [greedy_allocation(units, sizes, noise, budget)] + uniform_allocations(units, sizes, budget)
+    costs = layer_costs(layers, units, plan)
+    budget = plan.options.target_bits * sum(sizes.values())
+    candidates = [greedy_allocation(units, costs, noise, budget)] + uniform_allocations(units, costs, budget)
     joint = [probe.noise(weights.allocation(units, choice))[1] for choice in candidates]
     choice = candidates[int(np.argmin(joint))]
     bits = {}
     for i, unit in enumerate(units):
         bits.update({p: choice[i][0] for p in unit.producers})
         bits[unit.consumer] = choice[i][1]
-    return bits, _allocation_note(units, choice, sizes, plan.options.target_bits)
+    return bits, _allocation_note(units, choice, costs, sum(sizes.values()), plan.options.target_bits)
 
 
-def _allocation_note(units: list[Unit], choice: dict[int, tuple[int, int]], sizes: dict[str, int],
+def _allocation_note(units: list[Unit], choice: dict[int, tuple[int, int]], costs: Costs, weights: int,
                      target_bits: float) -> str:
-    average = sum(unit_bits(u, choice[i], sizes) for i, u in enumerate(units)) / sum(sizes.values())
+    average = sum(unit_bits(u, choice[i], costs) for i, u in enumerate(units)) / weights
     counts: dict[str, int] = {}
     for i, unit in enumerate(units):
         key = f"{choice[i][0]}/{choice[i][1]} pair" if unit.producers else f"{choice[i][1]}-bit layer"
         counts[key] = counts.get(key, 0) + 1
     reached = "" if average <= target_bits + 1e-9 else " (the narrowest allocation; the budget is below it)"
-    return (f"--target-bits {target_bits:g}: {average:.2f} integer bits per quantized weight{reached}; "
+    return (f"--target-bits {target_bits:g}: {average:.2f} stored bits per quantized weight (integers and scales){reached}; "
             + ", ".join(f"{count} x {key}" for key, count in sorted(counts.items())))

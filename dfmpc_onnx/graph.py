@@ -51,6 +51,12 @@ class Layer:
         return int(self.node.attrs.get("group", 1)) if self.op == "Conv" else None
 
     @property
+    def taps(self) -> int:
+        """Spatial taps of one kernel of a Conv (1 for 1x1 convs, Gemm and MatMul): the run of consecutive
+        weights of a row (``to_rows``) that one input channel contributes."""
+        return int(np.prod(self.weight.shape[2:])) if self.op == "Conv" else 1
+
+    @property
     def in_channels(self) -> int:
         """Input channels of a Conv (all groups), input features of a Gemm or MatMul."""
         if self.group is not None:

@@ -44,12 +44,14 @@ class Options:
               "is ternary (Eqs. 3-4), other widths DoReFa (Eq. 6)", metavar="LOW/HIGH", shown=DEFAULT_SCHEME)
     target_bits: float | None = option(
         None, "instead of --scheme, choose 2/4/6/8 bits per pair and per unpaired layer for an average of at most "
-              "B stored integer bits per quantized weight, by output agreement with the float model on the "
-              "synthetic inputs (inference only, no data)", metavar="B", parse=float)
+              "B stored bits per quantized weight (integers and scales, as the file holds them), by output "
+              "agreement with the float model on the synthetic inputs (inference only, no data)", metavar="B",
+        parse=float)
     protect: float | None = option(
         PROTECT_DB, "with --scheme, raise a pair to HIGH/HIGH when its LOW producers alone (the rest of the model "
                     "float) leave the output SQNR on the synthetic inputs below DB decibels; off: the scheme as "
-                    "given (with --refine none, the paper)", metavar="DB|off", parse=parse_protect)
+                    "given (with --refine none --kbit-rounding nearest, the paper)", metavar="DB|off",
+        parse=parse_protect)
     format: str = option("qdq", "qdq: integer weights + DequantizeLinear; float: the same weights as float "
                                 "initializers, for any runtime", choices=("qdq", "float"))
     storage: str = option("auto", "integer types of qdq weights: exact spends the width's own bits (INT2/UINT2 need "
@@ -74,6 +76,11 @@ class Options:
     kbit_grid: str = option("dorefa", "levels of the k-bit quantizer: Eq. 6's 2^k odd levels (the paper, no zero), "
                                       "or the symmetric integers -(2^(k-1)-1)..2^(k-1)-1 times M/(2^(k-1)-1) (plain "
                                       "rounding as users know it, zero exact)", choices=("dorefa", "integer"))
+    kbit_rounding: str = option("kernel-sum", "how k-bit weights are rounded: each to the nearest level (the "
+                                              "paper), or then the fewest moved one level so that every kernel's sum over "
+                                              "its spatial taps (its response to a constant input) keeps its float "
+                                              "value (depthwise kernels often nearly cancel)",
+                                choices=("nearest", "kernel-sum"))
     lambda1: float = option(0.5, "weight of the bias term of the closed form")
     lambda2: float = option(0.0, "weight of the ||c||^2 term of the closed form")
     compensate: bool = option(True, "plain rounding, c = 1 ('Original' in the paper)", flag="--no-compensation",

@@ -46,14 +46,15 @@ def compensated(q: QuantizedWeight, bias: np.ndarray | None,
 
 def quantize_layer(layer: Layer, bits: int, plan: Plan) -> QuantizedWeight:
     """``layer``'s weight at ``bits`` (``quantize_weight_rows``)."""
-    return quantize_weight_rows(to_rows(layer.weight, layer.out_axis), bits, plan)
+    return quantize_weight_rows(to_rows(layer.weight, layer.out_axis), bits, plan, layer.taps)
 
 
-def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan) -> QuantizedWeight:
+def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan, taps: int = 1) -> QuantizedWeight:
     """Weight rows at ``bits``: ternary (Eqs. 3-4) or DoReFa (Eq. 6), with the plan's scales, ternary
-    threshold and k-bit range."""
-    return quantize_rows(rows, bits, plan.options.per_channel(bits), plan.ternary_threshold,
-                         plan.options.kbit_range, plan.options.kbit_grid)
+    threshold, k-bit range, grid and rounding (``taps``: the layer's ``Layer.taps``)."""
+    options = plan.options
+    return quantize_rows(rows, bits, options.per_channel(bits), plan.ternary_threshold, options.kbit_range,
+                         options.kbit_grid, taps if options.kbit_rounding == "kernel-sum" else 1)
 
 
 def layer_compensation(layer: Layer, q: QuantizedWeight, options: Options) -> np.ndarray:

@@ -67,6 +67,23 @@ def stores_offset(bits: int, storage: str = "exact", grid: str = "dorefa") -> bo
     return grid == "dorefa" and bits > 2 and storage_parts(bits, storage, grid)[-1][1] != 1
 
 
+TYPE_BITS = {ml_dtypes.int2: 2, ml_dtypes.uint2: 2, ml_dtypes.int4: 4, np.int8: 8, np.int16: 16}
+
+
+def stored_weight_bits(bits: int, shape: tuple[int, ...], out_axis: int, per_channel: bool, storage: str = "exact",
+                       grid: str = "dorefa") -> int:
+    """Bits the file spends on one weight of ``shape`` quantized to ``bits``, as ``emit.emit_qdq`` writes it:
+    the packed integers of every part, the float32 scales (one per output channel, or one), and the
+    constants that derive the other parts' scales and the DoReFa offset from them."""
+    parts = storage_parts(bits, storage, grid)
+    total = sum(TYPE_BITS[dtype] for dtype, _ in parts) * int(np.prod(shape))
+    total += 32 * (int(shape[out_axis]) if per_channel else 1)
+    total += 32 * sum(step != parts[-1][1] for _, step in parts)
+    if stores_offset(bits, storage, grid):
+        total += 32 + (64 * len(shape) if per_channel else 0)  # the factor, and the scale's reshape target
+    return total
+
+
 OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}
 """The first opset whose DequantizeLinear takes the type with a per-axis scale."""
 

@@ -8,7 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
+
+# the first call of a Numba function loads or compiles it, which can take longer than hypothesis's 200 ms
+# deadline on a busy machine; the property tests check values, not speed
+settings.register_profile("values", deadline=None)
+settings.load_profile("values")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODELS = Path(__file__).resolve().parents[1] / "models"

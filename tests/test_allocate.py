@@ -6,10 +6,17 @@ from conftest import chain_model
 from dfmpc_onnx import quantize
 from dfmpc_onnx.allocate import Unit, greedy_allocation, unit_bits
 from dfmpc_onnx.errors import InputError
+from dfmpc_onnx.options import WIDTHS
+from dfmpc_onnx.report import stored_bits_per_weight
+
+
+def integer_costs(sizes):
+    """Costs of integers alone: b bits per weight."""
+    return {name: {b: b * size for b in WIDTHS} for name, size in sizes.items()}
 
 
 def average(units, sizes, choice):
-    return sum(unit_bits(u, choice[i], sizes) for i, u in enumerate(units)) / sum(sizes.values())
+    return sum(unit_bits(u, choice[i], integer_costs(sizes)) for i, u in enumerate(units)) / sum(sizes.values())
 
 
 def test_budget_goes_where_the_noise_is():
@@ -20,24 +27,26 @@ def test_budget_goes_where_the_noise_is():
     for i, scale in enumerate((10.0, 1.0, 0.01)):
         for option in units[i].options():
             noise[i, option] = scale * sum(2.0 ** -b for b in option)
-    choice = greedy_allocation(units, sizes, noise, 4.0)
+    total = sum(sizes.values())
+    choice = greedy_allocation(units, integer_costs(sizes), noise, 4.0 * total)
     assert average(units, sizes, choice) <= 4.0
     assert sum(choice[0]) > sum(choice[1])  # the sensitive pair keeps more bits
     assert choice[2][1] < choice[0][1]  # the insensitive layer keeps fewer bits than the sensitive consumer
-    assert average(units, sizes, greedy_allocation(units, sizes, noise, 8.0)) == 8.0
+    assert average(units, sizes, greedy_allocation(units, integer_costs(sizes), noise, 8.0 * total)) == 8.0
 
 
 def test_unreachable_budget_gives_the_narrowest():
     units = [Unit(("p",), "c")]
     sizes = {"p": 10, "c": 10}
     noise = {(0, o): float(-sum(o)) for o in units[0].options()}
-    assert greedy_allocation(units, sizes, noise, 1.0) == {0: (2, 2)}
+    assert greedy_allocation(units, integer_costs(sizes), noise, 1.0 * 20) == {0: (2, 2)}
 
 
 def test_target_bits_meets_the_budget_and_says_so():
     model, report = quantize(chain_model(), target_bits=3.0, synthetic="pink", samples=8, refine="none", check=False)
     note = next(n for n in report.notes if n.startswith("--target-bits 3"))
     assert float(note.split(": ")[1].split(" ")[0]) <= 3.0 + 1e-9
+    assert stored_bits_per_weight(model) <= 3.0  # scales included, as the file is measured
     assert report.scheme == "target 3 bits"
     assert {layer.bits for layer in report.layers} <= {2, 4, 6, 8}
 

@@ -62,7 +62,8 @@ def dorefa(w: np.ndarray, k: int) -> np.ndarray:
 @pytest.mark.parametrize("lambda1,lambda2", [(0.5, 0.0), (0.0, 0.0), (0.5, 0.1)])
 def test_written_weights_are_the_closed_form(lambda1, lambda2):
     source = onnx.load(RESNET20)
-    model, report = quantize(source, scheme="2/6", refine="none", granularity="tensor", protect="off", lambda1=lambda1,
+    model, report = quantize(source, scheme="2/6", refine="none", granularity="tensor", protect="off",
+                             kbit_rounding="nearest", lambda1=lambda1,
                              lambda2=lambda2, check=False)
     float_convs, written = folded_convs(source), written_weights(model)
     roles = {layer.name: layer.role for layer in report.layers}
@@ -83,3 +84,22 @@ def test_written_weights_are_the_closed_form(lambda1, lambda2):
         else:
             np.testing.assert_allclose(weight, dorefa(w, 6), rtol=1e-5, atol=1e-6 * np.abs(w).max())
             np.testing.assert_allclose(bias, b, rtol=1e-6, atol=1e-7)
+
+
+def test_default_rounding_keeps_each_kernel_sum():
+    """``--kbit-rounding kernel-sum`` (the default): every written 3x3 kernel sums to its float sum within
+    half a level; rounding each weight to the nearest level does not."""
+    source = onnx.load(RESNET20)
+    float_convs = folded_convs(source)
+    worst = {}
+    for rounding in ("kernel-sum", "nearest"):
+        model, _ = quantize(source, scheme="6", refine="none", compensate=False, kbit_rounding=rounding, check=False)
+        errors = []
+        for name, (weight, _) in written_weights(model).items():
+            w = float_convs[name][0]
+            if w.shape[2] * w.shape[3] > 1:
+                step = 2 * np.abs(w).reshape(len(w), -1).max(axis=1) / 63  # Eq. 6's level spacing at 6 bits
+                errors.append(np.max(np.abs((weight - w).sum(axis=(2, 3))) / step[:, None]))
+        worst[rounding] = max(errors)
+    assert worst["kernel-sum"] <= 0.5 + 1e-3
+    assert worst["nearest"] > 1.0

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dfmpc_onnx.maths.quantizers import dorefa_quantize, quantize_rows, sqnr_db, ternary_quantize
+from dfmpc_onnx.maths.quantizers import dorefa_quantize, kernel_sum_round, quantize_rows, sqnr_db, ternary_quantize
 
 finite = st.floats(min_value=-10, max_value=10, allow_nan=False, width=32)
 weights = arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 20)), elements=finite)
@@ -116,3 +116,30 @@ def test_mse_range_never_has_more_error_than_max_range(bits, per_channel, seed):
     error = lambda q: np.square(w - q.dequantize()).sum(axis=1 if per_channel else None)
     assert np.all(error(clipped) <= error(plain) * (1 + 1e-9) + 1e-12)
     assert len(np.unique(clipped.codes)) <= 2**bits
+
+
+@given(arrays(np.float64, st.tuples(st.integers(1, 5), st.sampled_from([1, 2, 9, 25]), st.integers(1, 4)),
+              elements=st.floats(-7, 7, allow_nan=False)))
+@settings(max_examples=80, deadline=None)
+def test_kernel_sum_round_keeps_each_kernel_sum(x):
+    rows, taps, inputs = x.shape
+    x = x.transpose(0, 2, 1).reshape(rows, inputs * taps)  # each input channel's taps consecutive, as to_rows
+    q = kernel_sum_round(x, taps)
+    assert np.array_equal(q, np.rint(q)) and q.min() >= -7 and q.max() <= 7  # integers within the grid
+    assert np.all(np.abs(q - x) < 1 + 1e-9)  # at most one step from x
+    assert np.all(np.abs((q - x).reshape(-1, taps).sum(axis=1)) <= 0.5 + 1e-9)
+    moved = np.sum(q != np.rint(x))
+    assert moved <= np.sum(np.abs(np.rint((np.rint(x) - x).reshape(-1, taps).sum(axis=1))))  # the fewest moves
+    if taps == 1:
+        assert np.array_equal(q, np.rint(x))
+
+
+def test_kernel_sum_rounding_keeps_a_near_cancelling_kernel_sign():
+    """A depthwise edge kernel whose taps nearly cancel (EfficientNet-Lite0's second depthwise conv holds
+    one): rounding each tap flips the sign of its sum; the kernel-sum rounding keeps it."""
+    kernel = np.array([[0.1258, 15.671, -1.357, -5.470, 0.2227, 0.9468, -2.290, -7.853, 0.4278]])
+    for grid in ("integer", "dorefa"):
+        nearest = quantize_rows(kernel, 6, True, kbit_grid=grid).dequantize().sum()
+        kept = quantize_rows(kernel, 6, True, kbit_grid=grid, taps=9).dequantize().sum()
+        assert abs(kept - kernel.sum()) < abs(nearest - kernel.sum())
+        assert np.sign(kept) == np.sign(kernel.sum())

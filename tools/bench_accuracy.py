@@ -53,8 +53,9 @@ def top1(model_path: Path, images: np.ndarray, labels: np.ndarray, batch: int = 
     return 100.0 * correct / len(images)
 
 
-PAPER = dict(refine="none", granularity="tensor", protect="off")
-"""The paper's setting: its closed form alone, per-tensor quantizer scales, the scheme's widths as given."""
+PAPER = dict(refine="none", granularity="tensor", protect="off", kbit_rounding="nearest")
+"""The paper's setting: its closed form alone, per-tensor quantizer scales, each weight rounded to the
+nearest level, the scheme's widths as given."""
 ALONE = dict(protect="off")
 """Each refinement on its own: the rows below measure one stage each, with no pair raised by --protect."""
 
@@ -77,13 +78,17 @@ METHODS = {
                 dict(refine="refit", synthetic="distill")),
     **{f"protect-{db}": (f"DF-MPC + refit, distilled, --protect {db}", dict(refine="refit", synthetic="distill", protect=db))
        for db in (3, 4, 8, 10)},
+    "rounding-nearest-closed-form": ("DF-MPC closed form, per-channel k-bit scales, --kbit-rounding nearest",
+                                     dict(refine="none", kbit_rounding="nearest", **ALONE)),
+    "rounding-nearest": (f"DF-MPC + refit, distilled, --protect {PROTECT_DB:g}, --kbit-rounding nearest",
+                         dict(refine="refit", synthetic="distill", kbit_rounding="nearest")),
     **{f"a8-{estimator}": (f"default + --activations 8, {estimator} ranges",
                            dict(refine="refit", synthetic="distill", activations="8", activation_range=estimator))
        for estimator in ("minmax", "percentile", "mse")},
 }
-SWEEPS = ("protect-", "a8-")
-"""Method keys that the README's table leaves out (``--methods`` runs them): the --protect threshold sweep
-and the activation range estimators."""
+SWEEPS = ("protect-", "a8-", "rounding-")
+"""Method keys that the README's table leaves out (``--methods`` runs them): the --protect threshold sweep,
+the activation range estimators and plain rounding of k-bit weights."""
 TERNARY_ONLY = ("optimal-pink", "twn-refit-distill")
 
 

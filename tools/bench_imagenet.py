@@ -2,13 +2,22 @@
 
     python tools/bench_imagenet.py --readme
     python tools/bench_imagenet.py --schemes 4/8 --relu6 refuse pair
+    python tools/bench_imagenet.py --budget --readme     # top-1 against stored bits, and its plot
 
 For each scheme: uncompensated rounding, the paper's method, and the tool's
 defaults under each ReLU6 choice (``--relu6 refuse|pair|relu``), with file
 sizes and the tool's wall time, as a Markdown table and JSON. Reads
 ../shared/models/imagenet_efficientnet_lite0.onnx and
 ../shared/data/imagenet_sample224_jpeg.npz (decoded with Pillow) and exits
-with a message when they are absent. The images are used for scoring only.
+with a message when they are absent. The images are used for scoring only,
+except by the onnxruntime rows labelled as calibrated on real images.
+
+``--budget`` scores instead top-1 against stored bits per weight (measured
+from each file): plain per-channel rounding at 4, 6 and 8 bits, onnxruntime's
+``quantize_static`` (int8 and int4 weights, uint8 activations) calibrated on
+noise and on 32 of the scored images, and the tool's defaults at 4/8, 2/6
+and ``--target-bits`` 3, 3.5, 4, 5 and 6; ``--model`` scores another
+EfficientNet-class file taking the same input.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import numpy as np
 
 import dfmpc_onnx
 from bench_accuracy import PAPER, ROOT, SHARED, publish, top1
+from bench_budget import ROUNDING_OPTIONS, markdown as budget_markdown, plot, row
+from bench_speed import ort_quantize_static, random_batches
 
 MODEL = SHARED / "models" / "imagenet_efficientnet_lite0.onnx"
 DATA = SHARED / "data" / "imagenet_sample224_jpeg.npz"
@@ -37,9 +48,8 @@ VARIANTS = {  # further rows, on request (--variants)
     "integer": ("--kbit-grid integer, default refinement", dict(kbit_grid="integer")),
     "a8": ("--activations 8 (portable storage)", dict(activations="8")),
     "integer-none": ("--kbit-grid integer, --refine none", dict(kbit_grid="integer", refine="none")),
-    "rounding-integer": ("plain rounding, symmetric integers per channel",
-                         dict(kbit_grid="integer", compensate=False, refine="none", granularity="channel",
-                              protect="off")),
+    "rounding-integer": ("plain rounding, symmetric integers per channel", ROUNDING_OPTIONS),
+    "nearest": ("--kbit-rounding nearest, default refinement", dict(kbit_rounding="nearest")),
 }
 
 
@@ -82,6 +92,40 @@ def run(schemes: list[str], relu6_choices: list[str], workdir: Path, variants: l
     return results
 
 
+BUDGET_BITS = (3.0, 3.5, 4.0, 5.0, 6.0)
+
+
+def run_budget(model: Path, workdir: Path, target_bits: tuple[float, ...] = BUDGET_BITS) -> list[dict]:
+    """Top-1 against stored bits per weight for rounding, onnxruntime and the tool (``--budget``)."""
+    images, labels = load_sample()
+    data = {"imagenet": (images, labels)}
+    name = model.stem.removeprefix("imagenet_")
+    results = [row(name, "float", "Float", model, data, None)]
+
+    def tool(family: str, method: str, **options) -> None:
+        out = workdir / f"{name}-{len(results)}.onnx"
+        start = time.perf_counter()
+        dfmpc_onnx.quantize_file(model, out, check=False, **options)
+        results.append(row(name, family, method, out, data, time.perf_counter() - start))
+
+    for bits in (8, 6, 4):
+        tool("rounding", f"per-channel rounding {bits}-bit (symmetric integers)", scheme=f"{bits}", **ROUNDING_OPTIONS)
+    real = [x[None] for x in images[::len(images) // 32][:32]]
+    for method, weight_type, batches in [("onnxruntime int8, noise calibration", "int8", random_batches(model, 32)),
+                                         ("onnxruntime int8, 32 scored images (real data)", "int8", real),
+                                         ("onnxruntime int4, noise calibration", "int4", random_batches(model, 32)),
+                                         ("onnxruntime int4, 32 scored images (real data)", "int4", real)]:
+        out = workdir / f"{name}-{weight_type}-{len(results)}.onnx"
+        start = time.perf_counter()
+        ort_quantize_static(model, out, weight_type, batches)
+        results.append(row(name, "onnxruntime", method, out, data, time.perf_counter() - start))
+    for scheme in ("4/8", "2/6"):
+        tool("dfmpc", f"dfmpc default {scheme}", scheme=scheme)
+    for bits in target_bits:
+        tool("target", f"dfmpc --target-bits {bits:g}", target_bits=bits)
+    return results
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| model | scheme | method | pairs | Clips replaced | top-1 ImageNet sample (%) | file size (bytes) "
              "| tool time (s) |", "|---|---|---|---|---|---|---|---|"]
@@ -107,11 +151,24 @@ def main() -> int:
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its imagenet markers")
     parser.add_argument("--key", default="imagenet", help="the README markers to write between (default imagenet)")
+    parser.add_argument("--budget", action="store_true", help="top-1 against stored bits per weight, and its plot")
+    parser.add_argument("--model", type=Path, default=MODEL, help="with --budget: the model to score")
+    parser.add_argument("--target-bits", type=float, nargs="+", default=list(BUDGET_BITS),
+                        help="with --budget: the --target-bits rows")
     args = parser.parse_args()
-    if not MODEL.exists() or not DATA.exists():
-        print(f"skipped: {MODEL} or {DATA} is absent", file=sys.stderr)
+    if not args.model.exists() or not DATA.exists():
+        print(f"skipped: {args.model} or {DATA} is absent", file=sys.stderr)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.budget:
+        with tempfile.TemporaryDirectory() as workdir:
+            results = run_budget(args.model, Path(workdir), tuple(args.target_bits))
+        key = args.key if args.key != "imagenet" else f"budget-{results[0]['model']}"
+        plot(results, "imagenet", args.out / f"{key}.png")
+        if args.readme:
+            plot(results, "imagenet", ROOT / "docs" / f"{key}.png")
+        publish(budget_markdown(results, ["imagenet"]), results, args.out, key, args.readme)
+        return 0
     with tempfile.TemporaryDirectory() as workdir:
         results = run(args.schemes, args.relu6, Path(workdir), args.variants)
     publish(markdown(results), results, args.out, args.key, args.readme)

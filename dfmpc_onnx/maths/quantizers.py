@@ -92,7 +92,8 @@ def optimal_ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> Qua
 KBIT_RANGES = ("max", "mse")
 
 
-def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit_range: str = "max") -> QuantizedWeight:
+def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit_range: str = "max",
+                    taps: int = 1) -> QuantizedWeight:
     """k-bit uniform weights, Eq. 6 (DoReFa-Net):
 
         Q_k(W) = M (2/(2^k - 1) round((2^k - 1)(W/(2M) + 1/2)) - 1),  M = max(|W|)
@@ -102,7 +103,8 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit
     them in k bits), scale is M / (2^k - 1).
     M is taken per tensor (the paper) or per output channel. ``kbit_range``
     "mse" replaces M = max|W| by the alpha M (alpha in [0.3, 1]) that
-    minimises the squared error, clipping the few largest weights.
+    minimises the squared error, clipping the few largest weights. With
+    ``taps`` > 1 the grid index is rounded by ``kernel_sum_round``.
     """
     if bits < 1:
         raise ValueError(f"bit width must be at least 1, got {bits}")
@@ -115,7 +117,12 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit
         m = np.broadcast_to(mse_range(rows.astype(np.float64), m[:, None] if per_channel else m[:1, None], levels,
                                       axis).reshape(-1), m.shape).copy()
     codes = np.empty(rows.shape, dtype=_int_type(bits + 1))
-    _dorefa_codes(rows, m, levels, codes)
+    if taps > 1:
+        safe = np.where(m > 0, m, 1.0)[:, None]
+        index = np.clip(levels * (rows.astype(np.float64) / (2 * safe) + 0.5), 0, levels)
+        codes[...] = 2 * kernel_sum_round(index, taps) - levels
+    else:
+        _dorefa_codes(rows, m, levels, codes)
     return QuantizedWeight(codes, m / levels, bits=bits, storage_bits=bits + 1)
 
 
@@ -137,13 +144,15 @@ def mse_range(w: np.ndarray, m: np.ndarray, levels: int, axis: int | None, grid:
     return best
 
 
-def integer_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit_range: str = "max") -> QuantizedWeight:
+def integer_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit_range: str = "max",
+                     taps: int = 1) -> QuantizedWeight:
     """k-bit symmetric integer weights, plain rounding as users know it (not the paper's grid):
 
         What = s clip(round(W / s), -L, L),  s = M / L,  L = 2^(k-1) - 1,  M = max(|W|)
 
     2L + 1 levels with zero among them (Eq. 6 has 2^k levels and no zero). M per tensor or per output
-    channel; ``kbit_range`` "mse" takes the alpha M (alpha in [0.3, 1]) with the least squared error.
+    channel; ``kbit_range`` "mse" takes the alpha M (alpha in [0.3, 1]) with the least squared error. With
+    ``taps`` > 1 W / s is rounded by ``kernel_sum_round``.
     """
     if bits < 2:
         raise ValueError(f"bit width must be at least 2, got {bits}")
@@ -154,7 +163,7 @@ def integer_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbi
     if kbit_range == "mse" and w.size:
         m = _integer_mse_range(w, m, limit, per_channel)
     scale = np.where(m > 0, m, 1.0) / limit
-    codes = np.clip(np.rint(w / scale[:, None]), -limit, limit).astype(_int_type(bits))
+    codes = kernel_sum_round(np.clip(w / scale[:, None], -limit, limit), taps).astype(_int_type(bits))
     return QuantizedWeight(codes, np.where(m > 0, scale, 0.0), bits=bits, storage_bits=bits, grid="integer")
 
 
@@ -176,16 +185,40 @@ KBIT_GRIDS = ("dorefa", "integer")
 
 
 def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary_threshold: str = "twn",
-                  kbit_range: str = "max", kbit_grid: str = "dorefa") -> QuantizedWeight:
+                  kbit_range: str = "max", kbit_grid: str = "dorefa", taps: int = 1) -> QuantizedWeight:
     """Ternary for 2 bits (Eqs. 3-4, or the optimal threshold); for 3 bits and more DoReFa (Eq. 6) or the
-    symmetric integer grid (``integer_quantize``)."""
+    symmetric integer grid (``integer_quantize``), rounded to keep the sum of every ``taps`` consecutive
+    weights of a row (``kernel_sum_round``; 1: plain rounding)."""
     if bits == 2:
         if ternary_threshold == "optimal":
             return optimal_ternary_quantize(rows, per_channel)
         return ternary_quantize(rows, per_channel)
     if kbit_grid == "integer":
-        return integer_quantize(rows, bits, per_channel, kbit_range)
-    return dorefa_quantize(rows, bits, per_channel, kbit_range)
+        return integer_quantize(rows, bits, per_channel, kbit_range, taps)
+    return dorefa_quantize(rows, bits, per_channel, kbit_range, taps)
+
+
+def kernel_sum_round(x: np.ndarray, taps: int) -> np.ndarray:
+    """round(x), then in each run of ``taps`` consecutive entries (one kernel's spatial taps for one input
+    channel, as ``graph.to_rows`` lays out a Conv weight) the fewest entries moved one step towards x, those
+    nearest a tie, until the run's sum is within 1/2 of x's sum.
+
+    The sum of a kernel's taps is its response to a constant input (its DC gain). Rounding each tap alone
+    can move it by up to taps/2 steps, and flip its sign where the taps nearly cancel, as they do in the
+    edge-detecting depthwise kernels of mobile networks; this keeps it, at most one step per weight. x must
+    lie within the grid's integer bounds, which the result keeps. ``taps`` <= 1: plain rounding."""
+    rounded = np.rint(x)
+    if taps <= 1 or x.size == 0:
+        return rounded
+    runs = x.reshape(-1, taps)
+    q = rounded.reshape(-1, taps)
+    residual = runs - q
+    error = np.rint(residual.sum(axis=1))
+    direction = np.sign(error)[:, None]
+    order = np.argsort(-residual * direction, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(taps), order.shape), axis=1)
+    return (q + (rank < np.abs(error)[:, None]) * direction).reshape(x.shape)
 
 
 def _int_type(storage_bits: int) -> type:
