@@ -16,9 +16,6 @@ from .maths.quantizers import QuantizedWeight
 from .options import WIDTHS, Plan
 
 
-STORAGE = ("exact", "portable")
-
-
 def storage_parts(bits: int, storage: str = "exact", grid: str = "dorefa") -> tuple[tuple[type, int], ...]:
     """How a layer quantized to ``bits`` is stored: (integer type, step) per part, the step in units of
     the quantizer's scale s.
@@ -68,6 +65,7 @@ def stores_offset(bits: int, storage: str = "exact", grid: str = "dorefa") -> bo
 
 
 TYPE_BITS = {ml_dtypes.int2: 2, ml_dtypes.uint2: 2, ml_dtypes.int4: 4, np.int8: 8, np.int16: 16}
+"""Bits per stored integer of each storage type (INT2/UINT2 four and INT4 two to a byte)."""
 
 
 def stored_weight_bits(bits: int, shape: tuple[int, ...], out_axis: int, per_channel: bool, storage: str = "exact",
@@ -131,7 +129,7 @@ def packed_tensor(name: str, values: np.ndarray, dtype: type) -> onnx.TensorProt
     first element in the lowest bits, as the ONNX spec lays them out."""
     if dtype not in (ml_dtypes.int2, ml_dtypes.uint2, ml_dtypes.int4):
         return numpy_helper.from_array(values.astype(dtype), name)
-    bits = 4 if dtype is ml_dtypes.int4 else 2
+    bits = TYPE_BITS[dtype]
     data_type = {ml_dtypes.int2: onnx.TensorProto.INT2, ml_dtypes.uint2: onnx.TensorProto.UINT2,
                  ml_dtypes.int4: onnx.TensorProto.INT4}[dtype]
     tensor = onnx.TensorProto(name=name, data_type=data_type, dims=values.shape)
@@ -165,10 +163,10 @@ def runtime_note(model: onnx.ModelProto) -> str | None:
 
 
 FLOAT16_SCALES_OPSET = 19
+"""The first opset whose DequantizeLinear takes float16 scales (a float16 model's weights)."""
 ACTIVATION_OPSET = {8: 13, 16: 21}
 """The opset the activation QuantizeLinear/DequantizeLinear need: uint8 from 13 (the widely supported
 form), uint16 from 21."""
-"""The first opset whose DequantizeLinear takes float16 scales (a float16 model's weights)."""
 
 
 def required_opset(plan: Plan, half: bool = False) -> int:

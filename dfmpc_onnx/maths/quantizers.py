@@ -89,9 +89,6 @@ def optimal_ternary_quantize(rows: np.ndarray, per_channel: bool = False) -> Qua
     return QuantizedWeight(codes, scale, bits=2, storage_bits=2)
 
 
-KBIT_RANGES = ("max", "mse")
-
-
 def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit_range: str = "max",
                     taps: int = 1) -> QuantizedWeight:
     """k-bit uniform weights, Eq. 6 (DoReFa-Net):
@@ -178,10 +175,6 @@ def _integer_mse_range(w: np.ndarray, m: np.ndarray, limit: int, per_channel: bo
         better = error < best_error
         best, best_error = np.where(better, m * alpha, best), np.where(better, error, best_error)
     return best
-
-
-TERNARY_THRESHOLDS = ("twn", "optimal")
-KBIT_GRIDS = ("dorefa", "integer")
 
 
 def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary_threshold: str = "twn",
