@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 import dfmpc_onnx
@@ -75,6 +76,34 @@ def row(model: str, family: str, method: str, path: Path, data: dict, seconds: f
     return result
 
 
+def rounding_rows(model: str, source: Path, widths: tuple[int, ...], data: dict, workdir: Path) -> list[dict]:
+    """Plain per-channel rounding (``ROUNDING_OPTIONS``) of ``source`` at each of ``widths``, scored."""
+    rows = []
+    for bits in widths:
+        out = workdir / f"{model}-round{bits}.onnx"
+        start = time.perf_counter()
+        dfmpc_onnx.quantize_file(source, out, scheme=f"{bits}", check=False, **ROUNDING_OPTIONS)
+        rows.append(row(model, "rounding", f"per-channel rounding {bits}-bit (symmetric integers)", out, data,
+                        time.perf_counter() - start))
+    return rows
+
+
+def onnxruntime_rows(model: str, source: Path, real: list[np.ndarray], real_label: str, data: dict,
+                     workdir: Path) -> list[dict]:
+    """onnxruntime's ``quantize_static`` of ``source``, int8 and int4 weights, calibrated on 32 noise batches
+    and on ``real`` (labelled as real data), scored."""
+    noise = random_batches(source, 32)
+    rows = []
+    for weight_type in ("int8", "int4"):
+        for calibration, batches in (("noise calibration", noise), (f"{real_label} (real data)", real)):
+            out = workdir / f"{model}-{weight_type}-{len(rows)}.onnx"
+            start = time.perf_counter()
+            ort_quantize_static(source, out, weight_type, batches)
+            rows.append(row(model, "onnxruntime", f"onnxruntime {weight_type}, {calibration}", out, data,
+                            time.perf_counter() - start))
+    return rows
+
+
 def run(models: list[str], datasets: list[str], workdir: Path) -> list[dict]:
     data = {name: load_cifar(name) for name in datasets}
     calibration_images = load_cifar("jpeg10k")[0][:32]
@@ -82,21 +111,9 @@ def run(models: list[str], datasets: list[str], workdir: Path) -> list[dict]:
     for model in models:
         source = SHARED / "models" / f"{model}.onnx"
         results.append(row(model, "float", "Float", source, data, None))
-        for bits in ROUNDING:
-            out = workdir / f"{model}-round{bits}.onnx"
-            start = time.perf_counter()
-            dfmpc_onnx.quantize_file(source, out, scheme=f"{bits}/{bits}", check=False, **ROUNDING_OPTIONS)
-            results.append(row(model, "rounding", f"per-channel rounding {bits}-bit (symmetric integers)", out, data,
-                               time.perf_counter() - start))
-        peers = [("onnxruntime int8, noise calibration", "int8", random_batches(source, 32)),
-                 ("onnxruntime int8, 32 real images (real data)", "int8", [x[None] for x in calibration_images]),
-                 ("onnxruntime int4, noise calibration", "int4", random_batches(source, 32)),
-                 ("onnxruntime int4, 32 real images (real data)", "int4", [x[None] for x in calibration_images])]
-        for method, weight_type, batches in peers:
-            out = workdir / f"{model}-{weight_type}-{len(results)}.onnx"
-            start = time.perf_counter()
-            ort_quantize_static(source, out, weight_type, batches)
-            results.append(row(model, "onnxruntime", method, out, data, time.perf_counter() - start))
+        results += rounding_rows(model, source, ROUNDING, data, workdir)
+        results += onnxruntime_rows(model, source, [x[None] for x in calibration_images], "32 real images", data,
+                                    workdir)
         synthetic, distill_seconds = {}, 0.0
         if default_synthetic(source) == "distill":
             inputs, distill_seconds = distilled_inputs(source)

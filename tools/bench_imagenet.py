@@ -33,8 +33,7 @@ import numpy as np
 
 import dfmpc_onnx
 from bench_accuracy import PAPER, ROOT, SHARED, publish, top1
-from bench_budget import ROUNDING_OPTIONS, markdown as budget_markdown, plot, row
-from bench_speed import ort_quantize_static, random_batches
+from bench_budget import ROUNDING_OPTIONS, markdown as budget_markdown, onnxruntime_rows, plot, rounding_rows, row
 
 MODEL = SHARED / "models" / "imagenet_efficientnet_lite0.onnx"
 DATA = SHARED / "data" / "imagenet_sample224_jpeg.npz"
@@ -108,17 +107,9 @@ def run_budget(model: Path, workdir: Path, target_bits: tuple[float, ...] = BUDG
         dfmpc_onnx.quantize_file(model, out, check=False, **options)
         results.append(row(name, family, method, out, data, time.perf_counter() - start))
 
-    for bits in (8, 6, 4):
-        tool("rounding", f"per-channel rounding {bits}-bit (symmetric integers)", scheme=f"{bits}", **ROUNDING_OPTIONS)
+    results += rounding_rows(name, model, (8, 6, 4), data, workdir)
     real = [x[None] for x in images[::len(images) // 32][:32]]
-    for method, weight_type, batches in [("onnxruntime int8, noise calibration", "int8", random_batches(model, 32)),
-                                         ("onnxruntime int8, 32 scored images (real data)", "int8", real),
-                                         ("onnxruntime int4, noise calibration", "int4", random_batches(model, 32)),
-                                         ("onnxruntime int4, 32 scored images (real data)", "int4", real)]:
-        out = workdir / f"{name}-{weight_type}-{len(results)}.onnx"
-        start = time.perf_counter()
-        ort_quantize_static(model, out, weight_type, batches)
-        results.append(row(name, "onnxruntime", method, out, data, time.perf_counter() - start))
+    results += onnxruntime_rows(name, model, real, "32 scored images", data, workdir)
     for scheme in ("4/8", "2/6"):
         tool("dfmpc", f"dfmpc default {scheme}", scheme=scheme)
     for bits in target_bits:
