@@ -63,12 +63,15 @@ Costs = dict[str, dict[int, int]]
 
 
 def layer_costs(layers: dict[str, Layer], units: list[Unit], plan: Plan) -> Costs:
-    """Stored bits of each layer's weight at each of ``WIDTHS``, scales included (a pair producer's scales
-    are per channel whatever its quantizer's: they carry c)."""
+    """Stored bits of each layer's weight at each of ``WIDTHS``, scales included. A layer's scales are per
+    channel whatever its quantizer's when something rescales its channels: c on a pair producer, and
+    statistics matching on every Conv (``refine.match_statistics``)."""
     options = plan.options
-    producers = {p for unit in units for p in unit.producers} if options.compensate else set()
+    rescaled = {p for unit in units for p in unit.producers} if options.compensate else set()
+    if plan.refine in ("stats", "refit"):
+        rescaled |= {name for name, layer in layers.items() if layer.op == "Conv"}
     return {name: {b: stored_weight_bits(b, layer.weight.shape, layer.out_axis,
-                                         name in producers or options.per_channel(b), plan.storage, options.kbit_grid)
+                                         name in rescaled or options.per_channel(b), plan.storage, options.kbit_grid)
                    for b in WIDTHS}
             for name, layer in layers.items()}
 

@@ -42,8 +42,9 @@ def test_unreachable_budget_gives_the_narrowest():
     assert greedy_allocation(units, integer_costs(sizes), noise, 1.0 * 20) == {0: (2, 2)}
 
 
-def test_target_bits_meets_the_budget_and_says_so():
-    model, report = quantize(chain_model(), target_bits=3.0, synthetic="pink", samples=8, refine="none", check=False)
+@pytest.mark.parametrize("refine", ["none", "stats"])
+def test_target_bits_meets_the_budget_and_says_so(refine):
+    model, report = quantize(chain_model(), target_bits=3.0, synthetic="pink", samples=8, refine=refine, check=False)
     note = next(n for n in report.notes if n.startswith("--target-bits 3"))
     assert float(note.split(": ")[1].split(" ")[0]) <= 3.0 + 1e-9
     assert stored_bits_per_weight(model) <= 3.0  # scales included, as the file is measured
