@@ -26,7 +26,8 @@ import onnx
 import onnxruntime as ort
 
 import dfmpc_onnx
-from bench_accuracy import ROOT, SHARED, publish
+from bench_accuracy import PAPER, ROOT, SHARED, publish
+from bench_budget import ROUNDING_OPTIONS
 from dfmpc_onnx.report import stored_bits_per_weight
 
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -51,19 +52,18 @@ class HeldOut:
 
 CIFAR_RESNET = dict(data="cifar", scale=1 / 255, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
 RAW = ("--input-range 0,255", dict(input_range="0,255"))
-ROUNDING = [(f"per-channel rounding {b}-bit (symmetric integers)",
-             dict(scheme=str(b), compensate=False, refine="none", granularity="channel", kbit_grid="integer"))
+ROUNDING = [(f"per-channel rounding {b}-bit (symmetric integers)", dict(scheme=str(b), **ROUNDING_OPTIONS))
             for b in (4, 6)]
-"""Plain rounding as users know it: symmetric integers, max-scaled per output channel (``--kbit-grid integer``)."""
+"""Plain rounding as users know it (``bench_budget.ROUNDING_OPTIONS``)."""
 MODELS = {
     "cifar10_resnet32": HeldOut("cifar10_resnet-akamaster/cifar10_resnet32.onnx", "akamaster/pytorch_resnet_cifar10, "
                                 "BSD-2-Clause, exported with torch.onnx (BN kept)", **CIFAR_RESNET,
                                 runs=(("default 2/6", {}), ("default 4/8", dict(scheme="4/8")),
-                                      ("paper 2/6", dict(refine="none", granularity="tensor", protect="off")))),
+                                      ("paper 2/6", PAPER))),
     "cifar10_resnet44": HeldOut("cifar10_resnet-akamaster/cifar10_resnet44.onnx", "akamaster/pytorch_resnet_cifar10, "
                                 "BSD-2-Clause, exported with torch.onnx (BN kept)", **CIFAR_RESNET,
                                 runs=(("default 2/6", {}), ("default 4/8", dict(scheme="4/8")),
-                                      ("paper 2/6", dict(refine="none", granularity="tensor", protect="off")))),
+                                      ("paper 2/6", PAPER))),
     "tflite_resnet8": HeldOut("cifar10_resnet8-mlperf_tiny-tflite2onnx/cifar10_resnet8_tiny_tflite2onnx.onnx",
                               "MLPerf Tiny ResNet-8 (Apache-2.0), TFLite converted by tflite2onnx: opset 11, BN folded, "
                               "raw 0-255 input", data="cifar",
