@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -168,8 +169,8 @@ def plot(results: list[dict], dataset: str, path: Path) -> None:
         axis.set_xlim(1.5, 9)
         axis.set_ylim(min(shown) - 2, max(shown) + 2)
         if below:
-            axis.text(0.02, 0.02, "below the axis: " + "; ".join(
-                f"{r['method']} {r['top1'][dataset]:.1f} %" for r in below), transform=axis.transAxes, fontsize=7)
+            axis.text(0.02, 0.02, textwrap.fill("below the axis: " + "; ".join(
+                f"{r['method']} {r['top1'][dataset]:.1f} %" for r in below), 70), transform=axis.transAxes, fontsize=7)
         axis.set_xlabel("stored bits per weight (measured from the file)")
         axis.set_ylabel(f"top-1 on {dataset} (%)")
         axis.set_title(model)

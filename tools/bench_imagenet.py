@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import tempfile
 import time
@@ -146,15 +147,22 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=MODEL, help="with --budget: the model to score")
     parser.add_argument("--target-bits", type=float, nargs="+", default=list(BUDGET_BITS),
                         help="with --budget: the --target-bits rows")
+    parser.add_argument("--replot", action="store_true",
+                        help="with --budget: only redraw the plot (and docs/) from OUT/budget-MODEL.json")
     args = parser.parse_args()
     if not args.model.exists() or not DATA.exists():
         print(f"skipped: {args.model} or {DATA} is absent", file=sys.stderr)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget:
+        key = args.key if args.key != "imagenet" else f"budget-{args.model.stem.removeprefix('imagenet_')}"
+        if args.replot:
+            results = json.loads((args.out / f"{key}.json").read_text())
+            plot(results, "imagenet", args.out / f"{key}.png")
+            plot(results, "imagenet", ROOT / "docs" / f"{key}.png")
+            return 0
         with tempfile.TemporaryDirectory() as workdir:
             results = run_budget(args.model, Path(workdir), tuple(args.target_bits))
-        key = args.key if args.key != "imagenet" else f"budget-{results[0]['model']}"
         plot(results, "imagenet", args.out / f"{key}.png")
         if args.readme:
             plot(results, "imagenet", ROOT / "docs" / f"{key}.png")
