@@ -71,7 +71,7 @@ def layer_costs(layers: dict[str, Layer], units: list[Unit], plan: Plan) -> Cost
     if plan.refine in ("stats", "refit"):
         rescaled |= {name for name, layer in layers.items() if layer.op == "Conv"}
     return {name: {b: stored_weight_bits(b, layer.weight.shape, layer.out_axis,
-                                         name in rescaled or options.per_channel(b), plan.storage, options.kbit_grid)
+                                         name in rescaled or options.per_channel(b), plan.storage, plan.grid(b))
                    for b in WIDTHS}
             for name, layer in layers.items()}
 

@@ -56,12 +56,14 @@ class Options:
                                 "initializers, for any runtime", choices=("qdq", "float"))
     storage: str = option("auto", "integer types of qdq weights: exact spends the width's own bits (INT2/UINT2 need "
                                   "opset 25, which OpenVINO 2026.4 does not load); portable uses only INT4 (opset 21) "
-                                  "and INT8, one DequantizeLinear per weight up to 7 bits, same weight values; auto: "
-                                  "portable with --activations (integer kernels take no INT2), else exact",
-                          choices=("auto", "exact", "portable"))
-    activations: str = option("none", "also quantize the input of every quantized layer (QuantizeLinear/"
-                                      "DequantizeLinear, uint8 or uint16, per tensor), its range calibrated on the "
-                                      "synthetic inputs", choices=("none", "8", "16"))
+                                  "and INT8, one DequantizeLinear per weight up to 7 bits, same weight values; int8: "
+                                  "portable with INT8 for INT4, what integer kernels read; auto: int8 with "
+                                  "--activations, else exact", choices=("auto", "exact", "portable", "int8"))
+    activations: str = option("none", "also quantize the activations (QuantizeLinear/DequantizeLinear, uint8 or "
+                                      "uint16, per tensor) around every quantized layer and the residual Adds, "
+                                      "Concats and pools between them, so that runtimes run them on integers; ranges "
+                                      "calibrated on the synthetic inputs; 8-bit weights take the integer grid",
+                              choices=("none", "8", "16"))
     activation_range: str = option("mse", "how --activations sets each range: min/max, the 0.01/99.99 "
                                              "percentiles, or the clipping with the least squared error",
                                    choices=("minmax", "percentile", "mse"))
@@ -243,7 +245,7 @@ def _check_combinations(options: Options) -> None:
     if options.target_bits is not None and options.format != "qdq":
         raise InputError("--target-bits needs --format qdq (the budget is stored bits)")
     if options.activations != "none" and options.storage == "exact":
-        raise InputError("--activations needs --storage portable (or auto): onnxruntime's integer kernels, which "
+        raise InputError("--activations needs --storage int8 or portable (or auto): onnxruntime's integer kernels, which "
                          "quantized activations select, take no INT2/UINT2 weights")
     if options.placement == "consumer" and (options.format == "qdq" or options.relu6 == "pair"
                                             or options.refine not in ("auto", "none")):
@@ -283,7 +285,7 @@ class Plan:
     refine: str
     ternary_threshold: str
     storage: str = "exact"
-    """exact or portable (``--storage auto`` resolved)."""
+    """exact, portable or int8 (``--storage auto`` resolved)."""
     protect: bool = False
     """Whether the pairs are probed and raised (``--protect`` under a LOW < HIGH scheme, with inputs)."""
     decisions: tuple[str, ...] = ()
@@ -291,6 +293,14 @@ class Plan:
     @property
     def needs_inputs(self) -> bool:
         return self.synthetic is not None
+
+    def grid(self, bits: int) -> str:
+        """The k-bit grid of a ``bits``-bit layer: ``--kbit-grid``, except that under ``--activations``
+        8-bit layers take the integer grid, whose codes (up to 127) fit the int8 that integer kernels
+        read; DoReFa's 8-bit codes (odd, up to 255) do not."""
+        if self.options.activations != "none" and bits == 8:
+            return "integer"
+        return self.options.kbit_grid
 
     def without_distillation(self, reason: str) -> Plan:
         """The plan once distillation, chosen by ``--synthetic auto``, turned out impossible: pink noise,
@@ -338,6 +348,6 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
         # with refit each consumer is re-solved against the float outputs, so the smaller weight error of
         # the least-squares threshold carries through; it scored higher there and lower under stats
         ternary_threshold = "optimal" if refine == "refit" else "twn"
-    storage = options.storage if options.storage != "auto" else "portable" if activating else "exact"
+    storage = options.storage if options.storage != "auto" else "int8" if activating else "exact"
     return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, storage,
                 protecting, tuple(decisions))

@@ -54,7 +54,7 @@ def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan, taps: int = 1)
     threshold, k-bit range, grid and rounding (``taps``: the layer's ``Layer.taps``)."""
     options = plan.options
     return quantize_rows(rows, bits, options.per_channel(bits), plan.ternary_threshold, options.kbit_range,
-                         options.kbit_grid, taps if options.kbit_rounding == "kernel-sum" else 1)
+                         plan.grid(bits), taps if options.kbit_rounding == "kernel-sum" else 1)
 
 
 def layer_compensation(layer: Layer, q: QuantizedWeight, options: Options) -> np.ndarray:

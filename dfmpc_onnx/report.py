@@ -53,7 +53,7 @@ class Report:
     """LOW/HIGH, or "target B bits" under --target-bits."""
     format: str
     storage: str
-    """exact or portable integer types (qdq only)."""
+    """exact, portable or int8 integer types (qdq only)."""
     granularity: str
     ternary_threshold: str
     kbit_range: str
@@ -157,7 +157,7 @@ class Report:
         lines += [f"not paired: {refusal.producer}: {refusal.reason}" for refusal in self.refusals]
         lines += [f"BatchNormalization not folded: {name}: {reason}" for name, reason in self.unfolded_batchnorm]
         if self.activation_ranges:
-            lines.append(f"activations quantized: {len(self.activation_ranges)} layer inputs, uint"
+            lines.append(f"activations quantized: {len(self.activation_ranges)} tensors, uint"
                          f"{self.activation_bits} per tensor, {self.activation_range} ranges on the synthetic inputs")
         lines += [f"note: {note}" for note in self.notes]
         if self.check is None:

@@ -36,17 +36,22 @@ def storage_parts(bits: int, storage: str = "exact", grid: str = "dorefa") -> tu
     with step 1 (W = s q), DoReFa's in INT4 up to 3 bits (|q| <= 7) and in
     INT8 up to 7 (|q| <= 127), 8-bit DoReFa codes as m in INT8 with the
     "+ s" (|q| <= 255); integer codes in INT4 up to 4 bits, else INT8.
+
+    ``int8`` is ``portable`` with INT8 in place of INT4: integer kernels
+    (onnxruntime's QLinearConv, OpenVINO's) read int8 weights only, so under
+    ``--activations`` a weight in INT4 leaves its layer to run in float.
     """
+    narrow = np.int8 if storage == "int8" else ml_dtypes.int4
     if bits == 2:
-        return ((ml_dtypes.int4, 1),) if storage == "portable" else ((ml_dtypes.int2, 1),)
+        return ((ml_dtypes.int2, 1),) if storage == "exact" else ((narrow, 1),)
     if grid == "integer":
         if bits <= 4:
-            return ((ml_dtypes.int4, 1),)
+            return ((narrow, 1),)
         if bits <= 6 and storage == "exact":
             return ((ml_dtypes.int4, 4), (ml_dtypes.uint2, 1))
         return ((np.int8, 1),) if bits <= 8 else ((np.int16, 1),)
-    if storage == "portable" and bits <= 7:
-        return ((ml_dtypes.int4 if bits <= 3 else np.int8, 1),)
+    if storage != "exact" and bits <= 7:
+        return ((narrow if bits <= 3 else np.int8, 1),)
     if bits <= 4:
         return ((ml_dtypes.int4, 2),)
     if bits <= 6:
@@ -175,7 +180,7 @@ def required_opset(plan: Plan, half: bool = False) -> int:
     when ``half``."""
     options = plan.options
     widths = (plan.scheme.low, plan.scheme.high) if plan.scheme is not None else WIDTHS
-    weights = [storage_opset(bits, plan.storage, options.kbit_grid) for bits in widths] if options.format == "qdq" else []
+    weights = [storage_opset(bits, plan.storage, plan.grid(bits)) for bits in widths] if options.format == "qdq" else []
     activations = [ACTIVATION_OPSET[int(options.activations)]] if options.activations != "none" else []
     return max(weights + activations + [FLOAT16_SCALES_OPSET if half and weights else 0])
 

@@ -1,12 +1,15 @@
 """``--activations``: QuantizeLinear/DequantizeLinear on each quantized layer's input, ranges calibrated on
 the synthetic inputs (``activations.py``, ``maths/ranges.py``)."""
 
+import collections
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from conftest import chain_model, residual_model, run_model
+from conftest import GraphBuilder, chain_model, residual_model, run_model
 from dfmpc_onnx import quantize
 from dfmpc_onnx.errors import InputError
 from dfmpc_onnx.maths.ranges import affine_grid, estimate_range, fake_quantize, minmax_range
@@ -51,8 +54,9 @@ def activation_qdq(model):
 def test_every_quantized_layer_reads_a_quantized_activation(bits, dtype, opset):
     source = residual_model()
     calibration = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
-    weights_only, _ = quantize(source, "4/8", synthetic_inputs=calibration, check=False)
-    model, report = quantize(source, "4/8", synthetic_inputs=calibration, check=False, activations=bits)
+    # 4/6: under --activations 8-bit weights take the integer grid, so a 4/8 would change the weights too
+    weights_only, _ = quantize(source, "4/6", synthetic_inputs=calibration, check=False)
+    model, report = quantize(source, "4/6", synthetic_inputs=calibration, check=False, activations=bits)
     assert set(activation_qdq(model).values()) == {np.dtype(dtype)}
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= opset
     assert report.activation_bits == int(bits) and report.activation_ranges
@@ -68,7 +72,8 @@ def test_activations_with_float_weights_and_the_summary_line():
     assert activation_qdq(model) and not any(
         n.op_type == "DequantizeLinear" and n.input[0] in {t.name for t in model.graph.initializer}
         for n in model.graph.node)
-    assert "activations quantized: 6 layer inputs, uint8 per tensor, mse ranges" in report.format_summary()
+    quantized = sum(node.op_type == "QuantizeLinear" for node in model.graph.node)
+    assert f"activations quantized: {quantized} tensors, uint8 per tensor, mse ranges" in report.format_summary()
 
 
 def test_activations_need_synthetic_inputs():
@@ -78,23 +83,73 @@ def test_activations_need_synthetic_inputs():
         quantize(two_inputs, "4/8", activations="8", check=False)
 
 
-def test_openvino_runs_activation_quantized_outputs(resnet20):
-    model, _ = quantize(str(resnet20), "4/8", synthetic="pink", samples=16, refine="none", check=False,
-                        activations="8", storage="portable")
+@pytest.mark.parametrize("scheme,storage", [("4/8", "portable"), ("4/8", "auto"), ("8", "auto"), ("2/6", "auto")])
+def test_openvino_runs_activation_quantized_outputs(resnet20, scheme, storage):
+    model, _ = quantize(str(resnet20), scheme, synthetic="pink", samples=16, refine="none", check=False,
+                        activations="8", storage=storage)
     x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
     reference = run_model(model, x)
-    # OpenVINO runs these layers on int8 kernels; its rounding differs from onnxruntime's float emulation
+    # both run these layers on integer kernels, and round the requantized outputs differently
     got = openvino_outputs(model, x)
     assert np.abs(got - reference).max() <= 0.05 * np.abs(reference).max()
     assert np.array_equal(got.argmax(1), reference.argmax(1))
 
 
-def test_activations_store_weights_portably_and_refuse_exact_storage():
+def test_activations_store_weights_in_int8_and_refuse_exact_storage():
     model, report = quantize(chain_model(), "2/6", synthetic="pink", samples=8, activations="8")
-    assert report.storage == "portable" and report.check is not None  # onnxruntime loaded it: no INT2 kernels
-    assert {t.data_type for t in model.graph.initializer} & {onnx.TensorProto.INT2, onnx.TensorProto.UINT2} == set()
-    assert "(qdq portable," in report.format_summary()
-    with pytest.raises(InputError, match="--activations needs --storage portable"):
+    assert report.storage == "int8" and report.check is not None  # onnxruntime loaded it
+    weights = {t.data_type for t in model.graph.initializer if t.data_type != onnx.TensorProto.FLOAT}
+    assert weights == {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}  # integer kernels read no INT4 or INT2
+    assert "(qdq int8," in report.format_summary()
+    with pytest.raises(InputError, match="--activations needs --storage int8 or portable"):
         quantize(chain_model(), "2/6", activations="8", storage="exact")
     _, plain = quantize(chain_model(), "2/6", refine="none", protect="off", check=False)
     assert plain.storage == "exact"
+
+
+def fused_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    """The ops of ``model`` after onnxruntime's graph optimisations (what its CPU provider runs)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("scheme", ["4/8", "8", "2/6"])
+def test_onnxruntime_runs_every_convolution_and_the_residual_add_on_integers(scheme, tmp_path):
+    calibration = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    model, _ = quantize(residual_model(), scheme, synthetic_inputs=calibration, check=False, activations="8")
+    ops = fused_ops(model, tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+    assert not ops["Conv"] and not ops["FusedConv"] and not ops["Relu"], ops
+
+
+def mobile_block_model(channels: int = 8) -> onnx.ModelProto:
+    """Stem-ReLU6, an explicit zero Pad before a depthwise conv (as TensorFlow exports write it), ReLU6, a
+    1x1 projection added to the stem output, MaxPool, GlobalAveragePool, Reshape, Gemm."""
+    g = GraphBuilder(seed=3)
+    low, high = g.const("clip.low", np.array(0.0)), g.const("clip.high", np.array(6.0))
+    stem = g.node("Clip", [g.conv("x", 3, channels, name="stem"), low, high])
+    padded = g.node("Pad", [stem, g.const_int("pads", [0, 0, 1, 1, 0, 0, 1, 1])])
+    weight = g.const("depthwise.w", g.rng.normal(0, 0.3, (channels, 1, 3, 3)))
+    h = g.node("Clip", [g.node("Conv", [padded, weight], name="depthwise", group=channels), low, high])
+    h = g.node("Add", [g.conv(h, channels, channels, k=1, name="project"), stem])
+    h = g.node("GlobalAveragePool", [g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])])
+    return g.model(g.gemm(g.node("Reshape", [h, g.const_int("flat", [1, channels])]), channels, 10, name="fc"))
+
+
+def test_pads_fold_into_the_integer_convolution_and_copies_share_their_input_grid(tmp_path):
+    calibration = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    model, _ = quantize(mobile_block_model(), "4/8", synthetic_inputs=calibration, check=False, activations="8")
+    ops = fused_ops(model, tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["QLinearAdd"] == 1 and not ops["Pad"] and not ops["Conv"], ops
+    producers = {out: node for node in model.graph.node for out in node.output}
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantized = {node.input[0]: node for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    copies = [node for node in model.graph.node if node.op_type in ("MaxPool", "Reshape")]
+    assert len(copies) == 2 and all(node.output[0] in quantized for node in copies)
+    for node in copies:  # DequantizeLinear -> copy -> QuantizeLinear on one grid
+        before, after = producers[node.input[0]], quantized[node.output[0]]
+        assert before.op_type == "DequantizeLinear"
+        assert values[before.input[1]] == values[after.input[1]] and values[before.input[2]] == values[after.input[2]]

@@ -15,26 +15,29 @@ SCHEMES = ["2/6", "3/6", "4/8", "6", "8", "2/4"]
 PORTABLE_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.INT8}
 
 
+@pytest.mark.parametrize("storage", ["portable", "int8"])
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_portable_rows_equal_the_exact_ones(bits):
+def test_portable_rows_equal_the_exact_ones(bits, storage):
     rows = np.random.default_rng(bits).standard_normal((6, 27)).astype(np.float32)
     q = quantize_rows(rows, bits, True, "twn", "max")
-    exact, portable = stored_rows(q, "exact"), stored_rows(q, "portable")
+    exact, portable = stored_rows(q, "exact"), stored_rows(q, storage)
     np.testing.assert_allclose(portable, exact, rtol=1e-6, atol=1e-7)
-    for (dtype, _), part in zip(storage_parts(bits, "portable"), split_codes(q, "portable")):
+    for (dtype, _), part in zip(storage_parts(bits, storage), split_codes(q, storage)):
+        assert storage == "portable" or dtype is np.int8
         info = np.iinfo(np.int8) if dtype is np.int8 else (-8, 7)
         low, high = (info.min, info.max) if hasattr(info, "min") else info
         assert low <= part.min() and part.max() <= high, (bits, dtype)
 
 
+@pytest.mark.parametrize("storage,types,opset", [("portable", PORTABLE_TYPES, 21), ("int8", {onnx.TensorProto.INT8}, 13)])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_portable_output_uses_int4_and_int8_at_opset_21_at_most(scheme):
+def test_portable_output_uses_int4_and_int8_at_opset_21_at_most(scheme, storage, types, opset):
     model = residual_model()
     exact, _ = quantize(model, scheme, refine="none", protect="off", check=False)
-    portable, _ = quantize(model, scheme, refine="none", protect="off", check=False, storage="portable")
+    portable, _ = quantize(model, scheme, refine="none", protect="off", check=False, storage=storage)
     integer_types = {t.data_type for t in portable.graph.initializer} - {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
-    assert integer_types <= PORTABLE_TYPES
-    assert max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx")) <= 21
+    assert integer_types <= types
+    assert max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx")) <= max(opset, 17)
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run_model(portable, x), run_model(exact, x), rtol=1e-4, atol=1e-5)
     for name, weight in dequantized_weights(exact).items():
@@ -60,7 +63,7 @@ def openvino_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("scheme,storage,format", [(s, "portable", "qdq") for s in SCHEMES]
-                         + [("4/8", "exact", "qdq"), ("4", "exact", "qdq"), ("8", "exact", "qdq"),
+                         + [("4/8", "exact", "qdq"), ("4", "exact", "qdq"), ("8", "exact", "qdq"), ("2/6", "int8", "qdq"),
                             ("2/6", "exact", "float")])
 def test_openvino_runs_the_output_as_onnxruntime_does(resnet20, scheme, storage, format):
     model, _ = quantize(str(resnet20), scheme, refine="none", protect="off", check=False, storage=storage,
