@@ -46,7 +46,7 @@ VARIANTS = {  # further rows, on request (--variants)
     "distill": ("--synthetic distill (logits objective)", dict(synthetic="distill")),
     "distill-stats": ("--synthetic distill --refine stats", dict(synthetic="distill", refine="stats")),
     "integer": ("--kbit-grid integer, default refinement", dict(kbit_grid="integer")),
-    "a8": ("--activations 8 (portable storage)", dict(activations="8")),
+    "a8": ("--activations 8 (W8A8 or W4A8, int8 storage)", dict(activations="8")),
     "integer-none": ("--kbit-grid integer, --refine none", dict(kbit_grid="integer", refine="none")),
     "rounding-integer": ("plain rounding, symmetric integers per channel", ROUNDING_OPTIONS),
     "nearest": ("--kbit-rounding nearest, default refinement", dict(kbit_rounding="nearest")),

@@ -18,7 +18,10 @@ values, not the graph):
 - W8A8 (``--scheme 8 --activations 8``) and W4A8 (``--scheme 4/8
   --activations 8``): activations quantized around every layer, residual
   Add and pool, weights in INT8 (``--storage auto``), which both runtimes
-  run on integer kernels.
+  run on integer kernels;
+- beside them, onnxruntime's own ``quantize_static`` W8A8 (QDQ, per-channel
+  int8 weights, uint8 activations calibrated on 8 noise inputs), what an
+  onnxruntime user would otherwise run.
 
 A model whose batch dim is fixed (the synthetic ResNet-50 is exported at
 batch 1) is measured through a copy with the batch dim made symbolic, as
@@ -40,7 +43,7 @@ import onnxruntime as ort
 
 import dfmpc_onnx
 from bench_accuracy import ROOT, publish
-from bench_speed import model_paths
+from bench_speed import model_paths, ort_quantize_static, random_batches
 
 QUICK = dict(refine="none", check=False, protect="off", synthetic="pink", samples=16)
 """Latency depends on the graph, not on the weight values: no refinement or probes, few calibration inputs."""
@@ -51,6 +54,7 @@ OUTPUTS = {
     "2/6 weight-only, portable": dict(scheme="2/6", storage="portable"),
     "8 W8A8, int8": dict(scheme="8", activations="8"),
     "4/8 W4A8, int8": dict(scheme="4/8", activations="8"),
+    "onnxruntime quantize_static W8A8 (peer)": "onnxruntime",
 }
 MODELS = ("resnet50", "cifar10_resnet56", "imagenet_efficientnet_lite0")
 
@@ -116,7 +120,10 @@ def run(models: list[str], batches: list[int], repeat: int, workdir: Path) -> li
             path = source
             if options is not None:
                 path = workdir / f"{model}-{len(results)}.onnx"
-                dfmpc_onnx.quantize_file(source, path, **{**QUICK, **options})
+                if options == "onnxruntime":
+                    ort_quantize_static(source, path, "int8", random_batches(source, 8))
+                else:
+                    dfmpc_onnx.quantize_file(source, path, **{**QUICK, **options})
             for runtime, measure in (("onnxruntime", onnxruntime_ms), ("OpenVINO", openvino_ms)):
                 row = dict(model=model, output=label, runtime=runtime, ms={})
                 for batch in batches:
