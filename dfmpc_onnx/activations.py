@@ -65,7 +65,7 @@ def integer_tensors(graph: gs.Graph, layers: list[gs.Node]) -> list[str]:
         for tensor in (padded(node.inputs[0]), rectified(node.outputs[0], kept_float)):
             chosen[tensor.name] = tensor
     for node in graph.nodes:
-        activations = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        activations = [t for t in node.inputs if constant_value(t) is None]  # initializers and Constant nodes out
         if node.op not in INTEGER_OPS or (node.op == "Add" and len(activations) != 2):
             continue
         touching = activations + [rectified(node.outputs[0], kept_float)]

@@ -101,7 +101,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     notes = [note for note in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note) if note]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table,
                                replaced_clips, notes, check, stopwatch.timings, domain,
-                               protection, ranges)
+                               protection, ranges, shape_note is not None)
 
 
 def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, options: Options | None = None,

@@ -164,14 +164,15 @@ def from_rows(rows: np.ndarray, shape: tuple[int, ...], out_axis: int) -> np.nda
 
 
 class NameSource:
-    """Fresh tensor names for one rewriting pass over ``graph``.
+    """Fresh tensor and node names for one rewriting pass over ``graph``.
 
-    The graph's names are read once and every name handed out is remembered,
-    so a pass that adds n tensors costs O(n), not O(n) per name.
+    The graph's names (of tensors and of nodes: exporters often name a node's
+    output after the node) are read once and every name handed out is
+    remembered, so a pass that adds n tensors costs O(n), not O(n) per name.
     """
 
     def __init__(self, graph: gs.Graph):
-        self.taken = set(graph.tensors())
+        self.taken = set(graph.tensors()) | {node.name for node in graph.nodes}
 
     def fresh(self, base: str) -> str:
         """``base``, or ``base_1``, ``base_2``, ... : the first name not yet used."""

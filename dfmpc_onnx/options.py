@@ -295,12 +295,9 @@ class Plan:
         return self.synthetic is not None
 
     def grid(self, bits: int) -> str:
-        """The k-bit grid of a ``bits``-bit layer: ``--kbit-grid``, except that under ``--activations``
-        8-bit layers take the integer grid, whose codes (up to 127) fit the int8 that integer kernels
-        read; DoReFa's 8-bit codes (odd, up to 255) do not."""
-        if self.options.activations != "none" and bits == 8:
-            return "integer"
-        return self.options.kbit_grid
+        """``--kbit-grid``, but integer for 8-bit layers under ``--activations``: integer kernels read int8,
+        which holds integer codes (up to 127), not DoReFa's (odd, up to 255)."""
+        return "integer" if self.options.activations != "none" and bits == 8 else self.options.kbit_grid
 
     def without_distillation(self, reason: str) -> Plan:
         """The plan once distillation, chosen by ``--synthetic auto``, turned out impossible: pink noise,

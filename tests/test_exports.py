@@ -148,6 +148,16 @@ def test_dynamic_height_and_width_find_a_size_and_stay_dynamic(opset):
     check_runs(model, [2, 3, 40, 24])
 
 
+def test_activations_calibrated_at_a_guessed_size_are_a_warning():
+    source = classifier(13, dynamic_hw=True, batchnorm=False)
+    _, guessed = quantize(source, "4/8", samples=8, activations="8")
+    assert any("--input-shape" in warning for warning in guessed.warnings())
+    assert "warning: the activation ranges were calibrated at an input size the tool guessed" in guessed.format_summary()
+    _, given = quantize(source, "4/8", samples=8, activations="8", input_shapes={None: (3, 32, 32)})
+    _, weights_only = quantize(source, "4/8", samples=8)
+    assert not any("--input-shape" in warning for warning in given.warnings() + weights_only.warnings())
+
+
 @pytest.mark.parametrize("rank", (1, 3))
 def test_one_and_three_dimensional_convs(rank):
     for refine in ("stats", "refit", "bias"):

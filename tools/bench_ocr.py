@@ -2,12 +2,18 @@
 Constant nodes, dynamic height and width), float and quantized, on rendered text lines.
 
     python tools/bench_ocr.py --cache /work/cache/models --readme
+    python tools/bench_ocr.py --cache /work/cache/models --runtimes --readme   # onnxruntime and OpenVINO
 
 The model comes from PyPI ``rapidocr-onnxruntime`` 1.4.4 (Apache-2.0), read from a cache folder outside the
 repository (``--cache``, $DFMPC_MODEL_CACHE, or ../cache/models); skipped when absent. The lines are seeded
 random words and numbers drawn by Pillow's own font, preprocessed as rapidocr does (height 48, width
 padded to 320, (x / 255 - 0.5) / 0.5); decoding is greedy CTC over the dictionary in the model's
 metadata. Character accuracy is 1 - (edit distance / characters), over all lines.
+
+``--runtimes`` scores instead the float model and the outputs a deployment engineer would pick for each
+runtime (weight-only 4/8, 2/6 with ``--storage portable``, W4A8 with ``--activations 8``) in onnxruntime's
+CPU provider and in OpenVINO's CPU plugin (default settings), at the tool's own input shape, and W8A8
+calibrated at the shape rapidocr feeds it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 import dfmpc_onnx
@@ -32,6 +39,11 @@ WORDS = ("model quantize data free mixed precision layer weight channel ternary 
 RUNS = (("default 4/8", dict(scheme="4/8")),
         ("4/8, --input-shape 3,48,320", dict(scheme="4/8", input_shapes={None: (3, 48, 320)})),
         ("default 2/6, --input-shape 3,48,320", dict(input_shapes={None: (3, 48, 320)})))
+RUNTIME_RUNS = (("default 4/8", dict(scheme="4/8")), ("default 2/6, --storage portable", dict(storage="portable")),
+                ("4/8 --activations 8 (W4A8), at the guessed 32 x 32", dict(scheme="4/8", activations="8")),
+                ("8 --activations 8 (W8A8), --input-shape 3,48,320 --refine none",
+                 dict(scheme="8", activations="8", refine="none", input_shapes={None: (3, 48, 320)})))
+RUNTIMES = ("onnxruntime", "OpenVINO")
 
 
 def render_lines(count: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -75,14 +87,51 @@ def edit_distance(a: str, b: str) -> int:
     return row[-1]
 
 
-def character_accuracy(path: Path, images: np.ndarray, texts: list[str]) -> float:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    characters = ["blank"] + session.get_modelmeta().custom_metadata_map["character"].splitlines() + [" "]
-    name = session.get_inputs()[0].name
-    found = [line for start in range(0, len(images), 16)
-             for line in decode(session.run(None, {name: images[start:start + 16]})[0], characters)]
+def recogniser(path: Path, runtime: str):
+    """A function from a batch of lines to the model's per-position probabilities, in ``runtime``."""
+    if runtime == "onnxruntime":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda batch: session.run(None, {name: batch})[0]
+    import openvino as ov
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    return lambda batch: compiled(batch)[compiled.outputs[0]]
+
+
+def character_accuracy(path: Path, images: np.ndarray, texts: list[str], runtime: str = "onnxruntime") -> float:
+    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    characters = ["blank"] + metadata["character"].splitlines() + [" "]
+    run = recogniser(path, runtime)
+    found = [line for start in range(0, len(images), 16) for line in decode(run(images[start:start + 16]), characters)]
     errors = sum(edit_distance(f, t) for f, t in zip(found, texts))
     return 100.0 * (1 - errors / sum(len(t) for t in texts))
+
+
+def runtime_rows(source: Path, images: np.ndarray, texts: list[str], workdir: Path) -> list[dict]:
+    """Character accuracy of the float model and each of ``RUNTIME_RUNS`` in each of ``RUNTIMES``."""
+    results = []
+    for label, options in (("float", None),) + RUNTIME_RUNS:
+        path = source
+        if options is not None:
+            path = workdir / f"out{len(results)}.onnx"
+            dfmpc_onnx.quantize_file(source, path, **options)
+        row = dict(method=label, accuracy={})
+        for runtime in RUNTIMES:
+            try:
+                row["accuracy"][runtime] = round(character_accuracy(path, images, texts, runtime), 2)
+            except Exception as error:  # a runtime that refuses the file: say so in the table
+                row["accuracy"][runtime] = f"fails: {str(error).splitlines()[0][:60]}"
+        print(row, flush=True)
+        results.append(row)
+    return results
+
+
+def runtime_table(results: list[dict]) -> str:
+    lines = ["| model | output | " + " | ".join(f"character accuracy, {r} (%)" for r in RUNTIMES) + " |",
+             "|---|---|" + "---|" * len(RUNTIMES)]
+    lines += [f"| PP-OCRv4 recogniser | {r['method']} | " + " | ".join(str(r["accuracy"][k]) for k in RUNTIMES) + " |"
+              for r in results]
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -91,12 +140,18 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--runtimes", action="store_true", help="score the outputs in onnxruntime and OpenVINO")
     args = parser.parse_args()
     source = args.cache / MODEL
     if not source.exists():
         print(f"skipped: {source} is not in the cache", file=sys.stderr)
         return 0
     images, texts = render_lines(args.lines)
+    if args.runtimes:
+        with tempfile.TemporaryDirectory() as workdir:
+            results = runtime_rows(source, images, texts, Path(workdir))
+        publish(runtime_table(results), results, args.out, "ocr-runtimes", args.readme)
+        return 0
     results = [dict(method="float", accuracy=character_accuracy(source, images, texts), seconds=None, agreement=None)]
     print(results[-1], flush=True)
     with tempfile.TemporaryDirectory() as workdir:
