@@ -31,22 +31,34 @@ CALIBRATION_CHUNK = 8
 """Synthetic inputs per onnxruntime run while the activations are read (every layer input is an output)."""
 
 
-def quantize_activations(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.ndarray | None,
-                         plan: Plan, like: onnx.ModelProto) -> dict[str, tuple[float, float]]:
-    """Under ``--activations B``, put a QuantizeLinear/DequantizeLinear pair on each of ``integer_tensors``,
-    in place; return the range used per tensor (none without ``--activations``)."""
+def calibrate_activations(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.ndarray | None,
+                          plan: Plan, like: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """Under ``--activations B``, the range of each of ``integer_tensors`` over ``inputs``, measured on
+    ``graph`` as it stands (copies share their source's); none without ``--activations``."""
     options = plan.options
     if options.activations == "none" or not qlayers:
         return {}
-    bits = int(options.activations)
     names = integer_tensors(graph, [ql.layer.node for ql in qlayers.values()])
     copies = copied_tensors(graph, names)
     ranges = activation_ranges(graph, like, [name for name in names if name not in copies], inputs,
-                               options.activation_range, bits, options.seed)
+                               options.activation_range, int(options.activations), options.seed)
     for copy, source in copies.items():
         ranges[copy] = ranges[source]
-    insert_qdq(graph, dict(sorted(ranges.items())), bits)
-    return ranges
+    return dict(sorted(ranges.items()))
+
+
+def quantize_activations(graph: gs.Graph, ranges: dict[str, tuple[float, float]], plan: Plan) -> None:
+    """A QuantizeLinear/DequantizeLinear pair on each tensor of ``ranges``, in place (``insert_qdq``)."""
+    if ranges:
+        insert_qdq(graph, ranges, int(plan.options.activations))
+
+
+def with_quantized_activations(graph: gs.Graph, ranges: dict[str, tuple[float, float]], plan: Plan) -> gs.Graph:
+    """A copy of ``graph`` with the activations of ``ranges`` quantized: what statistics matching runs
+    the quantized model through under ``--activations``."""
+    copy = graph.copy()
+    quantize_activations(copy, ranges, plan)
+    return copy
 
 
 INTEGER_OPS = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")

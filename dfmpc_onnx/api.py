@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .activations import quantize_activations
+from .activations import calibrate_activations, quantize_activations
 from .allocate import choose_bits
 from .check import ReferenceRun, check_model, run_reference
 from .domain import InputDomain
@@ -28,7 +28,7 @@ from .pairs import find_pairs, kept_out_of_pairs
 from .plan import compensate_layers, quantize_layers
 from .precision import as_float32
 from .progress import Console
-from .refine import refine
+from .refine import MATCHING, refine
 from .relu6 import relax_relu6
 from .report import Report, initializer_bytes, layer_reports, make_report
 from .runtime import resolve_providers
@@ -86,22 +86,23 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch.lap("quantize")
     qlayers = compensate_layers(qlayers, options)
     stopwatch.lap("solve")
-    qlayers = refine(graph, qlayers, folding.preactivation, inputs, plan, working, console)
+    # statistics matching quantizes the activations on the float model's ranges; else the output's are taken
+    ranges = calibrate_activations(graph, qlayers, inputs, plan, working) if plan.refine in MATCHING else {}
+    qlayers = refine(graph, qlayers, folding.preactivation, inputs, plan, working, console, ranges)
     stopwatch.lap("refine")
 
     emit(graph, qlayers, search.pairs, options.format, options.placement, plan.storage)
-    ranges = quantize_activations(graph, qlayers, inputs, plan, working)
+    ranges = ranges or calibrate_activations(graph, qlayers, inputs, plan, working)
+    quantize_activations(graph, ranges, plan)
     result = assemble_model(graph, working, half)
     table = layer_reports(graph, qlayers, left_float)
     del graph, qlayers, layers  # the float weights are no longer needed
     stopwatch.lap("emit")
     check = check_model(reference, result, options.min_agreement) if options.check else None
     stopwatch.lap("check")
-
     notes = [note for note in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note) if note]
-    return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table,
-                               replaced_clips, notes, check, stopwatch.timings, domain,
-                               protection, ranges, shape_note is not None)
+    return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table, replaced_clips,
+                               notes, check, stopwatch.timings, domain, protection, ranges, shape_note is not None)
 
 
 def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, options: Options | None = None,

@@ -59,10 +59,10 @@ class Options:
                                   "and INT8, one DequantizeLinear per weight up to 7 bits, same weight values; int8: "
                                   "portable with INT8 for INT4, what integer kernels read; auto: int8 with "
                                   "--activations, else exact", choices=("auto", "exact", "portable", "int8"))
-    activations: str = option("none", "also quantize the activations (QuantizeLinear/DequantizeLinear, uint8 or "
-                                      "uint16, per tensor) around every quantized layer and the residual Adds, "
-                                      "Concats and pools between them, so that runtimes run them on integers; ranges "
-                                      "calibrated on the synthetic inputs; 8-bit weights take the integer grid",
+    activations: str = option("none", "also quantize the activations (QuantizeLinear/DequantizeLinear, uint8/uint16 "
+                                      "per tensor) around every quantized layer and the residual Adds, Concats and "
+                                      "pools between, so runtimes run them on integers; ranges from the synthetic "
+                                      "inputs, which statistics matching runs them on; 8-bit weights on the integer grid",
                               choices=("none", "8", "16"))
     activation_range: str = option("mse", "how --activations sets each range: min/max, the 0.01/99.99 "
                                              "percentiles, or the clipping with the least squared error",

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .activations import with_quantized_activations
 from .graph import Layer, batch_chunk, from_rows, weight_feed
 from .maths.batchnorm import relu_mean
 from .maths.statistics import (apply_affine, channel_affine, channel_statistics, expected_output_error,
@@ -32,22 +33,26 @@ from .progress import Console
 from .segments import Segments
 
 QLayers = dict[str, QuantizedLayer]
+MATCHING = ("stats", "refit")
+"""The refinements that match statistics on synthetic inputs."""
 
 
 def refine(graph: gs.Graph, qlayers: QLayers, preactivation: dict[str, tuple[np.ndarray, np.ndarray]],
-           inputs: np.ndarray | None, plan: Plan, like: onnx.ModelProto, console: Console) -> QLayers:
+           inputs: np.ndarray | None, plan: Plan, like: onnx.ModelProto, console: Console,
+           activation_ranges: dict[str, tuple[float, float]] | None = None) -> QLayers:
     """The layers after ``plan.refine``: unchanged ("none"), bias-corrected ("bias"), or with statistics
-    matched on ``inputs`` ("stats"), pair consumers refit first ("refit"). ``graph`` holds the float,
+    matched on ``inputs`` ("stats"), pair consumers refit first ("refit"), the quantized model's
+    activations quantized on ``activation_ranges`` (``--activations``). ``graph`` holds the float,
     BatchNorm-folded weights; ``like`` is the model whose opsets the statistics graphs take."""
     if plan.refine == "none" or not qlayers:
         return qlayers
     if plan.refine == "bias":
         return correct_biases(qlayers, preactivation)
-    return match_statistics(graph, qlayers, inputs, plan, like, console)
+    return match_statistics(graph, qlayers, inputs, plan, like, console, activation_ranges or {})
 
 
 def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan: Plan, like: onnx.ModelProto,
-                     console: Console) -> QLayers:
+                     console: Console, activation_ranges: dict[str, tuple[float, float]]) -> QLayers:
     """Every quantized Conv's output statistics matched to the float model's on ``inputs``.
 
     Under ``refit`` the pair consumers are first re-solved by ridge least squares so that, on the
@@ -55,21 +60,25 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
 
     The graph is cut after each quantized Conv (``Segments``), and the float and the quantized model are
     run through it side by side, once: a conv's correction is an affine map of its output, so it is
-    applied to the values already computed, and the whole refinement costs about two forward passes."""
+    applied to the values already computed, and the whole refinement costs about two forward passes.
+    With ``activation_ranges`` the quantized model runs through a copy whose activations are quantized,
+    so the corrections also take up the activations' error."""
     convs = [name for name, ql in qlayers.items() if ql.layer.op == "Conv"]
     if not convs:
         return qlayers
     graph_inputs = {t.name for t in graph.inputs}
-    conv_inputs = {name: qlayers[name].layer.node.inputs[0].name for name in convs}
     fittable = {name for name in convs if plan.refine == "refit" and qlayers[name].role == "high"
-                and conv_inputs[name] not in graph_inputs and _plain_conv(qlayers[name].layer)}
+                and qlayers[name].layer.node.inputs[0].name not in graph_inputs and _plain_conv(qlayers[name].layer)}
     layers = {name: ql.layer for name, ql in qlayers.items()}
-    segments = Segments(graph, layers, convs, {conv_inputs[name] for name in fittable}, like)
+    quantized_graph = with_quantized_activations(graph, activation_ranges, plan) if activation_ranges else graph
+    conv_inputs = {node.name: node.inputs[0].name for node in quantized_graph.nodes if node.name in fittable}
+    segments = Segments(quantized_graph, layers, convs, set(conv_inputs.values()), like)
+    float_segments = Segments(graph, layers, convs, set(), like) if activation_ranges else segments
     chunk = batch_chunk(graph)
     chunks = [inputs[start:start + chunk] for start in range(0, len(inputs), chunk)]
     float_values = {segments.input_name: chunks}
     quantized_values = {segments.input_name: chunks}
-    float_feed = weight_feed(segments.weight_inputs, layers,
+    float_feed = weight_feed(float_segments.weight_inputs, layers,
                              {name: (layer.weight, layer.bias) for name, layer in layers.items()})
     qlayers = dict(qlayers)
 
@@ -80,7 +89,7 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
     progress = console.progress("refine", len(convs), "convs")
     for index, name in enumerate(convs):
         output = qlayers[name].layer.node.outputs[0].name
-        float_values.update(segments.run(index, float_values, float_feed))
+        float_values.update(float_segments.run(index, float_values, float_feed))
         quantized_values.update(segments.run(index, quantized_values, quantized_feed(index)))
         if name in fittable:
             qlayers[name] = _refit(qlayers[name], quantized_values[conv_inputs[name]], float_values[output], plan)
@@ -91,8 +100,8 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
         weight, bias = fold_affine(qlayers[name].weight, qlayers[name].bias, a, m_q, m_f)
         qlayers[name] = dataclasses.replace(qlayers[name], weight=weight, bias=bias)
         quantized_values[output] = [apply_affine(values, a, m_q, m_f) for values in quantized_values[output]]
-        for values in (float_values, quantized_values):
-            for dead in segments.last_used_by[index]:
+        for values, cut in ((float_values, float_segments), (quantized_values, segments)):
+            for dead in cut.last_used_by[index]:
                 values.pop(dead, None)
         progress.advance()
     return qlayers

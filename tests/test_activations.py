@@ -55,8 +55,8 @@ def test_every_quantized_layer_reads_a_quantized_activation(bits, dtype, opset):
     source = residual_model()
     calibration = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
     # 4/6: under --activations 8-bit weights take the integer grid, so a 4/8 would change the weights too
-    weights_only, _ = quantize(source, "4/6", synthetic_inputs=calibration, check=False)
-    model, report = quantize(source, "4/6", synthetic_inputs=calibration, check=False, activations=bits)
+    weights_only, _ = quantize(source, "4/6", synthetic_inputs=calibration, check=False, refine="none")
+    model, report = quantize(source, "4/6", synthetic_inputs=calibration, check=False, activations=bits, refine="none")
     assert set(activation_qdq(model).values()) == {np.dtype(dtype)}
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= opset
     assert report.activation_bits == int(bits) and report.activation_ranges
@@ -153,3 +153,30 @@ def test_pads_fold_into_the_integer_convolution_and_copies_share_their_input_gri
         before, after = producers[node.input[0]], quantized[node.output[0]]
         assert before.op_type == "DequantizeLinear"
         assert values[before.input[1]] == values[after.input[1]] and values[before.input[2]] == values[after.input[2]]
+
+
+def conv_outputs(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """The tensors ``names`` of ``model`` on ``x``, one input at a time (the test models have batch 1)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    runs = [session.run(names, {"x": x[i:i + 1]}) for i in range(len(x))]
+    return [np.concatenate([run[k] for run in runs]) for k in range(len(names))]
+
+
+@pytest.mark.parametrize("make", [residual_model, chain_model])
+def test_statistics_matching_sees_the_quantized_activations(make, monkeypatch):
+    """With --activations the quantized model is matched with its activations quantized, so the deepest
+    conv's channel means on the synthetic inputs land on the float model's, closer than when the ranges
+    are put on after a refinement that saw float activations (the order before)."""
+    import dfmpc_onnx.api as api
+    source, x = make(), np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    mismatch = {}
+    for aware in (True, False):
+        monkeypatch.setattr(api, "MATCHING", ("stats", "refit") if aware else ())
+        model, _ = quantize(source, "4/8", synthetic_inputs=x, check=False, activations="8", refine="stats")
+        last = [node.output[0] for node in model.graph.node if node.op_type == "Conv"][-1]
+        (reference,), (quantized,) = conv_outputs(source, [last], x), conv_outputs(model, [last], x)
+        mismatch[aware] = np.max(np.abs(reference.mean((0, 2, 3)) - quantized.mean((0, 2, 3)))) / reference.std()
+    assert mismatch[True] < 0.5 * mismatch[False], mismatch
