@@ -103,7 +103,7 @@ class Report:
     def warnings(self) -> list[str]:
         """What the user must not miss: the quantized model follows the float one badly, or its activation
         ranges were calibrated at an input size the tool guessed (a text recogniser calibrated at 32 x 32
-        kept 53 % of its characters at 48 x 320, README), which the check on the same inputs cannot see."""
+        kept half its characters at 48 x 320, README), which the check on the same inputs cannot see."""
         warnings = self.fidelity.warnings() if self.fidelity else []
         if self.activation_ranges and self.shape_guessed:
             warnings.append("the activation ranges were calibrated at an input size the tool guessed (see the note): "
