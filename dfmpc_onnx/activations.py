@@ -71,19 +71,30 @@ def integer_tensors(graph: gs.Graph, layers: list[gs.Node]) -> list[str]:
     activation input (before a ``padded`` Pad) and its ``rectified`` output; then, in graph order, the inputs and rectified output
     of each of ``INTEGER_OPS`` that reads or writes one of those. Graph outputs stay float."""
     kept_float = {tensor.name for tensor in graph.outputs}
+    weights = constant_tensors(graph)
     dtype = layers[0].inputs[0].dtype
     chosen = {}
     for node in layers:
         for tensor in (padded(node.inputs[0]), rectified(node.outputs[0], kept_float)):
             chosen[tensor.name] = tensor
     for node in graph.nodes:
-        activations = [t for t in node.inputs if constant_value(t) is None]  # initializers and Constant nodes out
+        activations = [t for t in node.inputs if t.name not in weights]
         if node.op not in INTEGER_OPS or (node.op == "Add" and len(activations) != 2):
             continue
         touching = activations + [rectified(node.outputs[0], kept_float)]
         if any(tensor.name in chosen for tensor in touching):
             chosen.update((tensor.name, tensor) for tensor in touching)
     return sorted(name for name, tensor in chosen.items() if name not in kept_float and tensor.dtype == dtype)
+
+
+def constant_tensors(graph: gs.Graph) -> set[str]:
+    """The tensors computed from constants alone (a bias an exporter reshapes before adding it, say):
+    parameters, not activations (OpenVINO refuses a quantized one)."""
+    names = {name for name, tensor in graph.tensors().items() if isinstance(tensor, gs.Constant)}
+    for node in graph.nodes:  # in graph order; a Constant node has no inputs
+        if all(tensor.name in names for tensor in node.inputs if tensor.name):
+            names.update(tensor.name for tensor in node.outputs)
+    return names
 
 
 COPYING_OPS = ("Pad", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "MaxPool")

@@ -180,3 +180,19 @@ def test_statistics_matching_sees_the_quantized_activations(make, monkeypatch):
         (reference,), (quantized,) = conv_outputs(source, [last], x), conv_outputs(model, [last], x)
         mismatch[aware] = np.max(np.abs(reference.mean((0, 2, 3)) - quantized.mean((0, 2, 3)))) / reference.std()
     assert mismatch[True] < 0.5 * mismatch[False], mismatch
+
+
+def test_a_bias_computed_from_constants_is_not_an_activation():
+    """Paddle exports add a conv's bias as Reshape(constant): quantizing it as an activation made OpenVINO
+    refuse the model."""
+    g = GraphBuilder(seed=4)
+    bias = g.node("Reshape", [g.const("bias", g.rng.normal(0, 0.1, 8)), g.const_int("bias.shape", [1, 8, 1, 1])])
+    h = g.node("Relu", [g.node("Add", [g.conv("x", 3, 8, name="stem"), bias])])
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [g.conv(h, 8, 8, name="conv")])])
+    model, _ = quantize(g.model(g.gemm(h, 8, 10, name="fc")), "4/8", synthetic="pink", samples=8, check=False,
+                        activations="8")
+    quantized = {node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    assert bias not in quantized and len(quantized) >= 2
+    x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    reference = run_model(model, x)
+    assert np.abs(openvino_outputs(model, x) - reference).max() <= 0.05 * np.abs(reference).max()

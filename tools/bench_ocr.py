@@ -13,7 +13,8 @@ metadata. Character accuracy is 1 - (edit distance / characters), over all lines
 ``--runtimes`` scores instead the float model and the outputs a deployment engineer would pick for each
 runtime (weight-only 4/8, 2/6 with ``--storage portable``, W4A8 with ``--activations 8``) in onnxruntime's
 CPU provider and in OpenVINO's CPU plugin (default settings), at the tool's own input shape, and W8A8
-calibrated at the shape rapidocr feeds it.
+calibrated at the shape rapidocr feeds it; and the same for the direction classifier of the same package
+(``ch_ppocr_mobile_v2.0_cls``, opset 11, 0 or 180 degrees), scored on the lines, every other one turned.
 """
 
 from __future__ import annotations
@@ -41,32 +42,47 @@ RUNS = (("default 4/8", dict(scheme="4/8")),
         ("default 2/6, --input-shape 3,48,320", dict(input_shapes={None: (3, 48, 320)})))
 RUNTIME_RUNS = (("default 4/8", dict(scheme="4/8")), ("default 2/6, --storage portable", dict(storage="portable")),
                 ("4/8 --activations 8 (W4A8), at the guessed 32 x 32", dict(scheme="4/8", activations="8")),
-                ("8 --activations 8 (W8A8), --input-shape 3,48,320 --refine none",
-                 dict(scheme="8", activations="8", refine="none", input_shapes={None: (3, 48, 320)})))
+                ("8 --activations 8 (W8A8), --input-shape 3,48,320 --refine none --synthetic pink",
+                 dict(scheme="8", activations="8", refine="none", synthetic="pink", input_shapes={None: (3, 48, 320)})))
+"""At 48 x 320 the default synthetic inputs (distilled from the BatchNorm statistics) took over 15 minutes and
+16 GB on two cores: the W8A8 row calibrates on pink noise."""
+CLASSIFIER = "rapidocr_onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx"
+CLS_SHAPE = {None: (3, 48, 192)}
+"""rapidocr's cls_image_shape: at the size the tool would guess (224 x 224) its distillation takes many minutes."""
+CLASSIFIER_RUNS = (("4/8, --input-shape 3,48,192", dict(scheme="4/8", input_shapes=CLS_SHAPE)),
+                   ("2/6, --storage portable --input-shape 3,48,192", dict(storage="portable", input_shapes=CLS_SHAPE)),
+                   ("4/8 --activations 8 (W4A8), --input-shape 3,48,192",
+                    dict(scheme="4/8", activations="8", input_shapes=CLS_SHAPE)))
 RUNTIMES = ("onnxruntime", "OpenVINO")
 
 
-def render_lines(count: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """``count`` lines of words and numbers, as rapidocr feeds its recogniser: N x 3 x 48 x 320."""
+def render_lines(count: int, seed: int = 0, width: int = 320, turned: bool = False
+                 ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``count`` lines of words and numbers, as rapidocr feeds its recogniser (N x 3 x 48 x ``width``),
+    their texts, and, with ``turned``, every other line turned by 180 degrees (labels 1) as its direction
+    classifier sees text read upside down (labels 0 for upright)."""
     from PIL import Image, ImageDraw, ImageFont
     rng = np.random.default_rng(seed)
-    images, texts = [], []
+    images, texts, labels = [], [], []
     while len(images) < count:
         words = [str(rng.integers(0, 10000)) if rng.random() < 0.25 else str(rng.choice(WORDS))
-                 for _ in range(rng.integers(2, 5))]
+                 for _ in range(rng.integers(2, 5) if width >= 320 else rng.integers(1, 3))]
         text = " ".join(words)
         font = ImageFont.load_default(size=int(rng.integers(22, 34)))
         left, top, right, bottom = font.getbbox(text)
         canvas = Image.new("RGB", (right + 8, bottom + 8), "white")
         ImageDraw.Draw(canvas).text((4, 4 - top // 2), text, fill=(0, 0, 0), font=font)
-        width = int(round(canvas.width * 48 / canvas.height))
-        if width > 320:
+        scaled = int(round(canvas.width * 48 / canvas.height))
+        if scaled > width:
             continue
-        line = np.zeros((48, 320, 3), np.float32)
-        line[:, :width] = (np.asarray(canvas.resize((width, 48)), np.float32) / 255 - 0.5) / 0.5
+        label = int(turned and len(images) % 2 == 1)
+        canvas = canvas.rotate(180) if label else canvas
+        line = np.zeros((48, width, 3), np.float32)
+        line[:, :scaled] = (np.asarray(canvas.resize((scaled, 48)), np.float32) / 255 - 0.5) / 0.5
         images.append(line[:, :, ::-1].transpose(2, 0, 1))  # BGR, channels first, as rapidocr's cv2 pipeline
         texts.append(text)
-    return np.ascontiguousarray(np.stack(images)), texts
+        labels.append(label)
+    return np.ascontiguousarray(np.stack(images)), texts, np.array(labels)
 
 
 def decode(probabilities: np.ndarray, characters: list[str]) -> list[str]:
@@ -107,18 +123,25 @@ def character_accuracy(path: Path, images: np.ndarray, texts: list[str], runtime
     return 100.0 * (1 - errors / sum(len(t) for t in texts))
 
 
-def runtime_rows(source: Path, images: np.ndarray, texts: list[str], workdir: Path) -> list[dict]:
-    """Character accuracy of the float model and each of ``RUNTIME_RUNS`` in each of ``RUNTIMES``."""
+def direction_accuracy(path: Path, images: np.ndarray, labels: np.ndarray, runtime: str = "onnxruntime") -> float:
+    """Top-1 of the direction classifier (classes 0 and 180 degrees)."""
+    run = recogniser(path, runtime)
+    found = np.concatenate([run(images[start:start + 16]).argmax(-1) for start in range(0, len(images), 16)])
+    return 100.0 * float(np.mean(found == labels))
+
+
+def runtime_rows(model: str, source: Path, score, runs: tuple, workdir: Path) -> list[dict]:
+    """``score(path, runtime)`` of the float model and of each of ``runs`` in each of ``RUNTIMES``."""
     results = []
-    for label, options in (("float", None),) + RUNTIME_RUNS:
+    for label, options in (("float", None),) + runs:
         path = source
         if options is not None:
             path = workdir / f"out{len(results)}.onnx"
             dfmpc_onnx.quantize_file(source, path, **options)
-        row = dict(method=label, accuracy={})
+        row = dict(model=model, method=label, accuracy={})
         for runtime in RUNTIMES:
             try:
-                row["accuracy"][runtime] = round(character_accuracy(path, images, texts, runtime), 2)
+                row["accuracy"][runtime] = round(score(path, runtime), 2)
             except Exception as error:  # a runtime that refuses the file: say so in the table
                 row["accuracy"][runtime] = f"fails: {str(error).splitlines()[0][:60]}"
         print(row, flush=True)
@@ -127,11 +150,25 @@ def runtime_rows(source: Path, images: np.ndarray, texts: list[str], workdir: Pa
 
 
 def runtime_table(results: list[dict]) -> str:
-    lines = ["| model | output | " + " | ".join(f"character accuracy, {r} (%)" for r in RUNTIMES) + " |",
+    lines = ["| model | output | " + " | ".join(f"accuracy, {r} (%)" for r in RUNTIMES) + " |",
              "|---|---|" + "---|" * len(RUNTIMES)]
-    lines += [f"| PP-OCRv4 recogniser | {r['method']} | " + " | ".join(str(r["accuracy"][k]) for k in RUNTIMES) + " |"
+    lines += [f"| {r['model']} | {r['method']} | " + " | ".join(str(r["accuracy"][k]) for k in RUNTIMES) + " |"
               for r in results]
     return "\n".join(lines)
+
+
+def both_runtimes(cache: Path, count: int, workdir: Path) -> list[dict]:
+    """The recogniser (character accuracy) and the direction classifier (top-1 of 0 / 180 degrees)."""
+    images, texts, _ = render_lines(count)
+    results = runtime_rows("PP-OCRv4 recogniser", cache / MODEL,
+                           lambda path, runtime: character_accuracy(path, images, texts, runtime), RUNTIME_RUNS, workdir)
+    classifier = cache / CLASSIFIER
+    if classifier.exists():
+        lines, _, labels = render_lines(count, seed=1, width=192, turned=True)
+        results += runtime_rows("PP-OCR direction classifier", classifier,
+                                lambda path, runtime: direction_accuracy(path, lines, labels, runtime),
+                                CLASSIFIER_RUNS, workdir)
+    return results
 
 
 def main() -> int:
@@ -146,12 +183,12 @@ def main() -> int:
     if not source.exists():
         print(f"skipped: {source} is not in the cache", file=sys.stderr)
         return 0
-    images, texts = render_lines(args.lines)
     if args.runtimes:
         with tempfile.TemporaryDirectory() as workdir:
-            results = runtime_rows(source, images, texts, Path(workdir))
+            results = both_runtimes(args.cache, args.lines, Path(workdir))
         publish(runtime_table(results), results, args.out, "ocr-runtimes", args.readme)
         return 0
+    images, texts, _ = render_lines(args.lines)
     results = [dict(method="float", accuracy=character_accuracy(source, images, texts), seconds=None, agreement=None)]
     print(results[-1], flush=True)
     with tempfile.TemporaryDirectory() as workdir:
