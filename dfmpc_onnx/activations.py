@@ -8,8 +8,9 @@ Add, Concat and the pools, but only where every input comes through a Dequantize
 goes to a QuantizeLinear; a Relu or Clip(0, max) between the layer and its QuantizeLinear is folded
 into the unsigned grid (zero point 0), so the rectified tensor is the one quantized.
 
-The ranges are measured on the graph as emitted (its weights already quantized), so each range is that of
-the tensor the quantized model computes; the estimators are in ``maths/ranges.py``. The grid is unsigned
+Under statistics matching the ranges are measured on the float model before refinement (the quantized
+model is matched to it with these activations quantized); otherwise on the graph as emitted, its weights
+quantized. The estimators are in ``maths/ranges.py``. The grid is unsigned
 and asymmetric (uint8, or uint16 for 16 bits), per tensor, with zero exact, as onnxruntime's and
 OpenVINO's QDQ fusions expect for activations.
 """
@@ -68,8 +69,9 @@ INTEGER_OPS = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
 
 def integer_tensors(graph: gs.Graph, layers: list[gs.Node]) -> list[str]:
     """The tensors to quantize so that ``layers`` and the ops between them run on integers: each layer's
-    activation input (before a ``padded`` Pad) and its ``rectified`` output; then, in graph order, the inputs and rectified output
-    of each of ``INTEGER_OPS`` that reads or writes one of those. Graph outputs stay float."""
+    activation input (before a ``padded`` Pad) and its ``rectified`` output; then, in graph order, the
+    inputs and rectified output of each of ``INTEGER_OPS`` that reads or writes one of those. Graph
+    outputs and ``constant_tensors`` stay float."""
     kept_float = {tensor.name for tensor in graph.outputs}
     weights = constant_tensors(graph)
     dtype = layers[0].inputs[0].dtype
