@@ -19,6 +19,7 @@ from .check import ReferenceRun, check_model, run_reference
 from .domain import InputDomain
 from .emit import emit
 from .errors import CheckError, InputError
+from .feedback import round_with_feedback
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph
 from .inputs import find_static_shape, model_facts, resolve_input_shapes
@@ -82,7 +83,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch.lap("pairs")
 
     bits, protection, allocation_note = choose_bits(graph, working, layers, search, inputs, plan, console)
-    qlayers = quantize_layers(layers, search, bits, plan)
+    qlayers = round_with_feedback(graph, quantize_layers(layers, search, bits, plan), inputs, plan, working, console)
     stopwatch.lap("quantize")
     qlayers = compensate_layers(qlayers, options)
     stopwatch.lap("solve")

@@ -10,6 +10,7 @@ running statistics read back through the conv; else unit scale, with a note.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,8 @@ class InputDomain:
     source: str
     channel_axis: int = 1
     bounds: tuple[float, float] | None = None
+    guessed: bool = False
+    """Neither given nor found in the model: unit scale, or the range in which the model's top-1 varies most."""
 
     def apply(self, z: np.ndarray) -> np.ndarray:
         """Standardised ``z`` as inputs in this domain."""
@@ -82,8 +85,8 @@ def input_domain(graph: gs.Graph, shape: list, options: Options,
         found = derive(graph, channels, axis, shape)
         if found is not None:
             return found
-    unit = unit_domain(channels, "no normalisation found in the model: unit scale assumed (give --input-range or "
-                                 "--input-mean/--input-std)", axis)
+    unit = dataclasses.replace(unit_domain(channels, "no normalisation found in the model: unit scale assumed (give "
+                                                     "--input-range or --input-mean/--input-std)", axis), guessed=True)
     return _responsive_range(unit, shape, predict) if predict is not None else unit
 
 
@@ -103,7 +106,7 @@ def _responsive_range(unit: InputDomain, shape: list, predict: Callable[[np.ndar
     candidates = [unit] + [InputDomain(np.full(channels, (lo + hi) / 2), np.full(channels, (hi - lo) / 4),
                                        f"the range [{lo:g}, {hi:g}], in which the model's top-1 varies most over pink "
                                        "noise (no normalisation found in the model; --input-range sets it)",
-                                       unit.channel_axis, (lo, hi)) for lo, hi in CANDIDATE_RANGES]
+                                       unit.channel_axis, (lo, hi), guessed=True) for lo, hi in CANDIDATE_RANGES]
     scores = []
     for domain in candidates:
         scores_out = predict(domain.apply(z))

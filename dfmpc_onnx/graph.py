@@ -239,7 +239,7 @@ def with_outputs(graph: gs.Graph, names: list[str]) -> gs.Graph:
     return copy
 
 
-def batch_chunk(graph: gs.Graph) -> int:
-    """How many synthetic inputs one onnxruntime run of ``graph`` takes: its static batch dim, else 32."""
+def batch_chunk(graph: gs.Graph, dynamic: int = 32) -> int:
+    """How many synthetic inputs one onnxruntime run of ``graph`` takes: its static batch dim, else ``dynamic``."""
     first = graph.inputs[0].shape[0] if graph.inputs[0].shape else None
-    return int(first) if isinstance(first, (int, np.integer)) and first > 0 else 32
+    return int(first) if isinstance(first, (int, np.integer)) and first > 0 else dynamic

@@ -78,6 +78,11 @@ class Options:
     kbit_grid: str = option("dorefa", "levels of the k-bit quantizer: Eq. 6's 2^k odd levels (the paper, no zero), "
                                       "or the symmetric integers -(2^(k-1)-1)..2^(k-1)-1 times M/(2^(k-1)-1) (plain "
                                       "rounding as users know it, zero exact)", choices=("dorefa", "integer"))
+    error_feedback: str = option("auto", "re-round each layer's codes column by column on its grid, each column's "
+                                         "error fed back onto the columns not yet rounded through the inverse "
+                                         "covariance of the layer's input on the synthetic inputs (GPTQ); auto: on "
+                                         "with --refine refit (inputs distilled from BatchNorm statistics; README)",
+                                 choices=("auto", "on", "off"))
     kbit_rounding: str = option("kernel-sum", "how k-bit weights are rounded: each to the nearest level (the "
                                               "paper), or then the fewest moved one level so that every kernel's sum over "
                                               "its spatial taps (its response to a constant input) keeps its float "
@@ -288,6 +293,8 @@ class Plan:
     """exact, portable or int8 (``--storage auto`` resolved)."""
     protect: bool = False
     """Whether the pairs are probed and raised (``--protect`` under a LOW < HIGH scheme, with inputs)."""
+    feedback: bool = False
+    """Whether the codes are re-rounded with error feedback (``--error-feedback`` resolved, with inputs)."""
     decisions: tuple[str, ...] = ()
 
     @property
@@ -332,14 +339,16 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     activating = options.activations != "none"
     if protecting and not (refining or activating or options.target_bits) and options.synthetic == "auto":
         synthetic = "pink"  # only the pair probe reads them: distillation would cost more than it informs
-    wanted = refining or options.target_bits is not None or protecting or activating
+    feeding = options.error_feedback == "on" or (options.error_feedback == "auto" and refine == "refit")
+    wanted = refining or options.target_bits is not None or protecting or activating or feeding
     if wanted and facts.obstacle:
         for needs, flag in ((options.target_bits is not None, "--target-bits"), (activating, "--activations")):
             if needs:
                 raise InputError(f"{flag} needs synthetic inputs: {facts.obstacle}")
         decisions += [f"refinement skipped: {facts.obstacle}"] * refining
         decisions += [f"pairs not protected: {facts.obstacle}"] * protecting
-        refine, wanted, protecting = ("none" if refining else refine), False, False
+        decisions += [f"no error feedback: {facts.obstacle}"] * (options.error_feedback == "on")
+        refine, wanted, protecting, feeding = ("none" if refining else refine), False, False, False
     ternary_threshold = options.ternary_threshold
     if ternary_threshold == "auto":
         # with refit each consumer is re-solved against the float outputs, so the smaller weight error of
@@ -347,4 +356,4 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
         ternary_threshold = "optimal" if refine == "refit" else "twn"
     storage = options.storage if options.storage != "auto" else "int8" if activating else "exact"
     return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, storage,
-                protecting, tuple(decisions))
+                protecting, feeding, tuple(decisions))

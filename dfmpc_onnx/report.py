@@ -63,6 +63,8 @@ class Report:
     placement: str
     relu6: str
     refine: str
+    feedback: bool
+    """Whether the codes were re-rounded with error feedback (``--error-feedback``)."""
     activation_bits: int | None
     activation_range: str
     synthetic: str | None
@@ -88,6 +90,8 @@ class Report:
     activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Under --activations: the calibrated range of each quantized activation."""
     shape_guessed: bool = False
+    domain_guessed: bool = False
+    """The synthetic inputs' range was guessed (``domain.InputDomain.guessed``)."""
     """Whether a dynamic input dim was given a common size by the tool (no --input-shape)."""
     notes: list[str] = field(default_factory=list)
     check: CheckResult | None = None
@@ -109,6 +113,10 @@ class Report:
             warnings.append("the activation ranges were calibrated at an input size the tool guessed (see the note): "
                             "inputs of another size may fall outside them; give the size the model is deployed at "
                             "with --input-shape")
+        if self.activation_ranges and self.domain_guessed:
+            warnings.append("the activation ranges were calibrated on inputs in a range the tool guessed (see "
+                            "'synthetic inputs'): real inputs outside it are clipped; give the model's input range "
+                            "with --input-range LO,HI or --input-mean/--input-std")
         return warnings
 
     def to_dict(self) -> dict:
@@ -145,7 +153,8 @@ class Report:
         lines = [
             f"scheme {self.scheme} ({self.format}" + (f" {self.storage}" if self.format == "qdq" else "")
             + f", {self.granularity} scales, {self.ternary_threshold} ternary "
-            f"threshold, k-bit range {self.kbit_range}, compensation {compensation}, refinement {self.refine})",
+            f"threshold, k-bit range {self.kbit_range}" + (", error feedback" if self.feedback else "")
+            + f", compensation {compensation}, refinement {self.refine})",
             f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, {self.count('high')} high, "
             f"{self.count('unpaired')} unpaired at high bits; {self.count('float')} left float",
             f"ReLU6 (Clip) handling: {self.relu6}"
@@ -202,6 +211,7 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
         ternary_threshold=plan.ternary_threshold,
         kbit_range=options.kbit_range, lambda1=options.lambda1, lambda2=options.lambda2,
         compensate=options.compensate, placement=options.placement, relu6=options.relu6, refine=plan.refine,
+        feedback=plan.feedback,
         activation_bits=None if options.activations == "none" else int(options.activations),
         activation_range=options.activation_range,
         synthetic=plan.synthetic, samples=options.samples if plan.synthetic else None, seed=options.seed,
@@ -211,7 +221,8 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
         weight_bytes_after=initializer_bytes(result), stored_bits=stored_bits_per_weight(result),
         replaced_clips=replaced_clips, notes=notes, check=check, timings=timings,
         input_domain=domain.describe() if domain else None, protection=list(protection),
-        activation_ranges=dict(activation_ranges or {}), shape_guessed=shape_guessed)
+        activation_ranges=dict(activation_ranges or {}), shape_guessed=shape_guessed,
+        domain_guessed=bool(domain and domain.guessed))
 
 
 def layer_reports(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], left_float: dict[str, str]) -> list[LayerReport]:

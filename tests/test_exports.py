@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import GraphBuilder
 from dfmpc_onnx import quantize
 
 OPSETS = (7, 9, 11, 12, 13, 17, 21)
@@ -156,6 +157,20 @@ def test_activations_calibrated_at_a_guessed_size_are_a_warning():
     _, given = quantize(source, "4/8", samples=8, activations="8", input_shapes={None: (3, 32, 32)})
     _, weights_only = quantize(source, "4/8", samples=8)
     assert not any("--input-shape" in warning for warning in given.warnings() + weights_only.warnings())
+
+
+def test_activations_calibrated_in_a_guessed_input_range_are_a_warning():
+    """A raw-pixel model calibrated on unit-scale inputs clips every real input (a Keras CIFAR CNN kept 10 %):
+    the user must hear that the range was guessed, and not when it was given or found in the model."""
+    g = GraphBuilder(seed=0)
+    x = g.node("Relu", [g.conv(g.node("Relu", [g.conv("x", 3, 8, name="stem")]), 8, 8, name="conv")])
+    source = g.model(g.gemm(g.node("Flatten", [g.node("GlobalAveragePool", [x])]), 8, 10, name="fc"))
+    _, guessed = quantize(source, "4/8", samples=8, activations="8")
+    assert any("--input-range" in warning for warning in guessed.warnings())
+    _, given = quantize(source, "4/8", samples=8, activations="8", input_range="0,255")
+    _, found = quantize(classifier(13), "4/8", samples=8, activations="8")
+    _, weights_only = quantize(source, "4/8", samples=8)
+    assert not any("--input-range" in w for w in given.warnings() + found.warnings() + weights_only.warnings())
 
 
 @pytest.mark.parametrize("rank", (1, 3))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -190,6 +191,12 @@ def main() -> int:
         results = run(args.models, args.schemes, args.methods, args.data, Path(workdir), args.granularity)
     publish(markdown(results, args.data), results, args.out, args.key, args.readme)
     return 0
+
+
+def default_cache() -> Path:
+    """The folder of third-party models scored by the held-out benchmarks: $DFMPC_MODEL_CACHE, else
+    ../cache/models beside the project."""
+    return Path(os.environ.get("DFMPC_MODEL_CACHE", ROOT.parent / "cache" / "models"))
 
 
 def publish(table: str, results: list[dict], out: Path, key: str, readme: bool) -> None:

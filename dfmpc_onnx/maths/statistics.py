@@ -53,12 +53,14 @@ def fold_affine(q: QuantizedWeight, bias: np.ndarray | None, a: np.ndarray, m_q:
     return q.with_scale(q.scale * a), new_bias.astype(np.float32)
 
 
-def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: list[int]) -> np.ndarray:
+def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: list[int],
+           dilations: tuple[int, int] = (1, 1)) -> np.ndarray:
     """(N, C, H, W) -> (N * Ho * Wo, C * kh * kw): the rows a 2-D convolution multiplies by its weight."""
     kh, kw = kernel
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))
-    windows = windows[:, :, ::strides[0], ::strides[1]]
+    span = (dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
+    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]
     n, c, ho, wo = windows.shape[:4]
     return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 

@@ -1,0 +1,87 @@
+"""Rounding with error feedback: GPTQ (Frantar et al., 2023), after Optimal Brain Quantization.
+
+A layer computes y = W x. With H = sum over the inputs of x x^T (for a conv, x is one input patch), the
+output error of a quantized W^ is sum ||(W - W^) x||^2 = tr((W - W^) H (W - W^)^T). Rounding the
+columns of W one at a time, the error e_j = w_j - w^_j of column j is best absorbed by the columns not
+yet rounded: with U the upper Cholesky factor of H^-1 (rows and columns in the rounding order),
+
+    W[:, j+1:] <- W[:, j+1:] - (e_j / U_jj) U_j,j+1:
+
+and the next column is rounded from the updated weights. The scale (the grid) of every row is kept,
+so only the integer codes change. Columns are taken in decreasing order of H_jj (the inputs that carry
+the most energy first), and H is damped by 1 % of its mean diagonal, both as GPTQ does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .quantizers import QuantizedWeight
+from .statistics import im2col
+
+DAMPING = 0.01
+"""Added to H's diagonal, as a fraction of its mean diagonal (GPTQ's default)."""
+BLOCK = 128
+"""Columns rounded between two matrix updates of the rest (GPTQ's lazy batch: same result, fewer passes)."""
+
+
+def code_levels(q: QuantizedWeight) -> np.ndarray:
+    """The integer codes ``q``'s grid allows, ascending: ternary {-1, 0, 1} (Eq. 3), DoReFa's odd
+    q in [-(2^k - 1), 2^k - 1] (Eq. 6), or the symmetric integers of the ``integer`` grid."""
+    if q.bits == 2:
+        return np.array([-1.0, 0.0, 1.0])
+    if q.grid == "integer":
+        top = 2 ** (q.bits - 1) - 1
+        return np.arange(-top, top + 1, dtype=np.float64)
+    top = 2**q.bits - 1
+    return np.arange(-top, top + 1, 2, dtype=np.float64)
+
+
+def nearest_level(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Each entry of ``x`` replaced by the nearest of ``levels`` (ascending; ties go down)."""
+    index = np.clip(np.searchsorted(levels, x), 1, len(levels) - 1)
+    below, above = levels[index - 1], levels[index]
+    return np.where(x - below <= above - x, below, above)
+
+
+def feedback_codes(rows: np.ndarray, hessian: np.ndarray, scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Codes for ``rows`` (out x d) on the grid ``levels`` x ``scale`` (one per row), each column rounded
+    after the errors of the columns before it were fed back through ``hessian`` (d x d, sum of x x^T)."""
+    d = rows.shape[1]
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0  # inputs that are always zero: any code is as good, round them plainly
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable")
+    w, h = rows.astype(np.float64)[:, order], h[np.ix_(order, order)]
+    h[np.diag_indices(d)] += DAMPING * np.mean(np.diag(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    step = np.where(scale > 0, scale, 1.0).astype(np.float64)
+    codes = np.empty_like(w)
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        block, errors = w[:, start:stop].copy(), np.empty((w.shape[0], stop - start))
+        for i in range(stop - start):
+            j = start + i
+            codes[:, j] = nearest_level(block[:, i] / step, levels)
+            errors[:, i] = (block[:, i] - codes[:, j] * step) / u[j, j]
+            block[:, i:] -= np.outer(errors[:, i], u[j, j:stop])
+        w[:, stop:] -= errors @ u[start:stop, stop:]
+    result = np.empty_like(codes)
+    result[:, order] = codes
+    return result
+
+
+def patch_covariance(x: np.ndarray, kernel: tuple[int, int], pads: tuple[int, int, int, int],
+                     strides: tuple[int, int], dilations: tuple[int, int], group: int) -> list[np.ndarray]:
+    """H = sum of p p^T over every input patch p of a 2-D conv with input ``x`` (N, C, H, W), one matrix
+    per group, of side C/group x kh x kw in the order of the weight's rows (``graph.to_rows``)."""
+    patches = im2col(x, kernel, strides, list(pads), dilations)
+    side = patches.shape[1] // group
+    grouped = patches.reshape(-1, group, side).transpose(1, 2, 0).astype(np.float64)
+    return list(grouped @ grouped.transpose(0, 2, 1))
+
+
+def feature_covariance(x: np.ndarray) -> list[np.ndarray]:
+    """H = sum of x x^T over every row of the features ``x`` (..., d) of a Gemm or MatMul."""
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    return [flat.T @ flat]

@@ -1,0 +1,83 @@
+"""Rounding with error feedback (GPTQ): the maths against brute force, and the stage in the pipeline."""
+
+import numpy as np
+import pytest
+
+from conftest import chain_model, run_model
+from dfmpc_onnx import quantize
+from dfmpc_onnx.maths.feedback import code_levels, feature_covariance, feedback_codes, nearest_level, patch_covariance
+from dfmpc_onnx.maths.quantizers import dorefa_quantize, ternary_quantize
+
+
+def output_error(rows, codes, scale, h):
+    """sum over the inputs of ||(W - W^) x||^2 = tr(E H E^T)."""
+    e = rows - codes * scale[:, None]
+    return float(np.einsum("ij,jk,ik->", e, h, e))
+
+
+def correlated_inputs(rng, count, d):
+    mix = rng.normal(size=(d, d)) + 3 * np.eye(d)
+    return rng.normal(size=(count, d)) @ mix + 0.5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_feedback_lowers_the_output_error_of_nearest_rounding_on_the_same_grid(bits):
+    rng = np.random.default_rng(bits)
+    rows = rng.normal(size=(16, 48))
+    x = correlated_inputs(rng, 400, 48)
+    h = feature_covariance(x)[0]
+    q = ternary_quantize(rows, per_channel=True) if bits == 2 else dorefa_quantize(rows, bits, per_channel=True)
+    levels = code_levels(q)
+    codes = feedback_codes(rows, h, q.scale, levels)
+    assert set(np.unique(codes)) <= set(levels)
+    nearest = nearest_level(rows / q.scale[:, None], levels)
+    assert output_error(rows, codes, q.scale, h) < 0.8 * output_error(rows, nearest, q.scale, h)
+
+
+def test_with_uncorrelated_inputs_feedback_is_nearest_rounding():
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(8, 20))
+    q = dorefa_quantize(rows, 4, per_channel=True)
+    h = np.diag(rng.uniform(1, 2, size=20))
+    np.testing.assert_array_equal(feedback_codes(rows, h, q.scale, code_levels(q)),
+                                  nearest_level(rows / q.scale[:, None], code_levels(q)))
+
+
+@pytest.mark.parametrize("group, stride, pads, dilation", [(1, 1, (1, 1, 1, 1), 1), (2, 2, (0, 1, 2, 0), 1),
+                                                          (4, 1, (2, 2, 2, 2), 2)])
+def test_patch_covariance_gives_the_conv_output_energy(group, stride, pads, dilation):
+    """sum y^2 of a conv equals tr(W H W^T) with H from the patches, for every group."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 7, 6)).astype(np.float32)
+    w = rng.normal(size=(4, 4 // group, 3, 3)).astype(np.float32)
+    import onnx
+    from onnx import helper
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=group, strides=[stride] * 2, pads=list(pads),
+                            dilations=[dilation] * 2)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    y = run_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), x).astype(np.float64)
+    hs = patch_covariance(x, (3, 3), pads, (stride, stride), (dilation, dilation), group)
+    per = 4 // group
+    rows = w.reshape(4, -1).astype(np.float64)
+    for g, h in enumerate(hs):
+        block = rows[g * per:(g + 1) * per]
+        assert np.einsum("ij,jk,ik->", block, h, block) == pytest.approx(np.sum(y[:, g * per:(g + 1) * per] ** 2),
+                                                                          rel=1e-5)
+
+
+def test_the_stage_rewrites_codes_and_says_so():
+    model = chain_model()
+    on, report_on = quantize(model, "2/6", error_feedback="on", refine="none", synthetic="pink", check=False)
+    off, report_off = quantize(model, "2/6", error_feedback="off", refine="none", synthetic="pink", check=False)
+    assert report_on.feedback and not report_off.feedback
+    assert "error feedback" in report_on.format_summary()
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    assert not np.array_equal(run_model(on, x), run_model(off, x))
+
+
+def test_auto_feeds_back_only_with_refit():
+    _, distilled = quantize(chain_model(), "2/6", refine="refit", synthetic="pink", check=False)
+    _, matched = quantize(chain_model(), "2/6", refine="stats", synthetic="pink", check=False)
+    assert distilled.feedback and not matched.feedback
