@@ -3,10 +3,11 @@
 In the spirit of the retraining-free mixed-precision search (seed 002), the
 choice is made by inference alone: each unit (a consumer with its pair
 producers, or an unpaired layer) is quantized at each of its options on
-its own, the rest of the model float, and the output noise it causes on the
-synthetic inputs is measured (``sensitivity.OutputProbe``). Treating the
-noises as additive, a greedy search starts every unit at its widest option
-and repeatedly takes the narrowing that costs the least noise per stored bit
+its own, the rest of the model float, and how far it moves the output on the
+synthetic inputs is measured (``sensitivity.OutputProbe.damage``: the KL
+divergence of a classifier's softmax, else the output noise). Treating the
+damages as additive, a greedy search starts every unit at its widest option
+and repeatedly takes the narrowing that costs the least damage per stored bit
 saved, until the average stored bits per weight reach the budget. A
 layer's cost is what the file will spend on it (``storage.stored_weight_bits``:
 integers and scales), so the budget is the one the file is measured by.
@@ -88,12 +89,12 @@ def uniform_allocations(units: list[Unit], costs: Costs, budget: float) -> list[
             if sum(unit_bits(unit, (b, b), costs) for unit in units) <= budget]
 
 
-def greedy_allocation(units: list[Unit], costs: Costs, noise: dict[tuple[int, tuple[int, int]], float],
+def greedy_allocation(units: list[Unit], costs: Costs, damage: dict[tuple[int, tuple[int, int]], float],
                       budget: float) -> dict[int, tuple[int, int]]:
     """Unit index -> option with at most ``budget`` stored bits in all where any allocation reaches it
-    (else the narrowest), by least added noise per bit saved.
+    (else the narrowest), by least added damage per bit saved.
 
-    ``noise[(i, option)]`` is the output noise power of unit i alone at that option.
+    ``damage[(i, option)]`` is how far unit i alone at that option moves the output (``OutputProbe.damage``).
     """
     choice = {i: max(unit.options(), key=lambda o: (unit_bits(unit, o, costs), o)) for i, unit in enumerate(units)}
     used = sum(unit_bits(unit, choice[i], costs) for i, unit in enumerate(units))
@@ -105,7 +106,7 @@ def greedy_allocation(units: list[Unit], costs: Costs, noise: dict[tuple[int, tu
                 saved = current_bits - unit_bits(unit, option, costs)
                 if saved <= 0:
                     continue
-                cost = (noise[(i, option)] - noise[(i, choice[i])]) / saved
+                cost = (damage[(i, option)] - damage[(i, choice[i])]) / saved
                 key = (cost, -saved, i, option)
                 if best is None or key < best[0]:
                     best = (key, i, option, saved)
@@ -114,12 +115,42 @@ def greedy_allocation(units: list[Unit], costs: Costs, noise: dict[tuple[int, tu
         _, i, option, saved = best
         choice[i] = option
         used -= saved
-    return _refill(units, costs, noise, choice, budget - used)
+    return _refill(units, costs, damage, choice, budget - used)
 
 
-def _refill(units: list[Unit], costs: Costs, noise: dict[tuple[int, tuple[int, int]], float],
+def knapsack_allocation(units: list[Unit], costs: Costs, damage: dict[tuple[int, tuple[int, int]], float],
+                        budget: float, resolution: int = 4096) -> dict[int, tuple[int, int]]:
+    """Unit index -> option with the least total damage within ``budget`` stored bits: the multiple-choice
+    knapsack solved exactly by dynamic programming over the budget in ``resolution`` steps (each option's
+    bits rounded up to a step, so the choice always fits); the narrowest options where nothing fits.
+
+    Unlike ``greedy_allocation``, which may take one large narrowing that saves more than the budget needs,
+    this weighs every combination of options (with the damages taken as additive)."""
+    step = budget / resolution if budget > 0 else 1.0
+    options = [unit.options() for unit in units]
+    best = np.zeros(resolution + 1)  # least damage of the units so far within each number of steps
+    picks = []
+    for i, unit in enumerate(units):
+        size = [int(np.ceil(unit_bits(unit, o, costs) / step - 1e-9)) for o in options[i]]
+        candidates = np.full((len(size), resolution + 1), np.inf)
+        for k, (o, n) in enumerate(zip(options[i], size)):
+            if n <= resolution:
+                candidates[k, n:] = best[:resolution + 1 - n] + damage[(i, o)]
+        picks.append(np.argmin(candidates, axis=0))
+        best = candidates.min(axis=0)
+    if not np.isfinite(best[-1]):
+        return {i: min(unit.options(), key=lambda o: (unit_bits(unit, o, costs), o)) for i, unit in enumerate(units)}
+    choice, left = {}, resolution
+    for i in reversed(range(len(units))):
+        option = options[i][int(picks[i][left])]
+        choice[i] = option
+        left -= int(np.ceil(unit_bits(units[i], option, costs) / step - 1e-9))
+    return choice
+
+
+def _refill(units: list[Unit], costs: Costs, damage: dict[tuple[int, tuple[int, int]], float],
             choice: dict[int, tuple[int, int]], spare: float) -> dict[int, tuple[int, int]]:
-    """Spend what the narrowing left of the budget: widen the unit whose widening removes the most noise
+    """Spend what the narrowing left of the budget: widen the unit whose widening removes the most damage
     per added bit, while one fits."""
     choice = dict(choice)
     while True:
@@ -128,7 +159,7 @@ def _refill(units: list[Unit], costs: Costs, noise: dict[tuple[int, tuple[int, i
             current_bits = unit_bits(unit, choice[i], costs)
             for option in unit.options():
                 added = unit_bits(unit, option, costs) - current_bits
-                gain = noise[(i, choice[i])] - noise[(i, option)]
+                gain = damage[(i, choice[i])] - damage[(i, option)]
                 if 0 < added <= spare and gain > 0:
                     key = (-gain / added, i, option)
                     if best is None or key < best[0]:
@@ -231,25 +262,26 @@ def _protection_note(protection: list[Protection], plan: Plan) -> str:
 
 def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], pairs: tuple[Pair, ...],
                   inputs: np.ndarray, plan: Plan, console: Console) -> tuple[dict[str, int], str]:
-    """``--target-bits``: bits per layer from ``greedy_allocation``, each unit's output noise measured
-    alone (the paper's compensation, no refinement) on ``inputs``; the greedy choice and every uniform
+    """``--target-bits``: bits per layer from ``knapsack_allocation`` or ``greedy_allocation``, each unit's
+    damage measured alone (the paper's compensation, no refinement) on ``inputs``; both choices and every uniform
     width that fits the budget are then measured together, all units at once, and the one with the least
-    output noise is kept (the noises of units do not simply add: a greedy choice that looked cheap can
-    cost more than one width for all). Also a note giving the allocation."""
+    damage is kept (the damages of units do not simply add: a greedy choice that looked cheap can cost more
+    than one width for all). Also a note giving the allocation."""
     units = make_units(list(layers), pairs)
     sizes = {name: int(layer.weight.size) for name, layer in layers.items()}
     probe = output_probe(graph, layers, inputs, like)
     weights = UnitWeights(layers, plan)
-    noise = {}
+    damage = {}
     progress = console.progress("target bits", len(units), "units measured at each width")
     for i, unit in enumerate(units):
         for option in unit.options():
-            noise[i, option] = probe.noise(weights.unit(unit, option))[1]
+            damage[i, option] = probe.damage(weights.unit(unit, option))
         progress.advance()
     costs = layer_costs(layers, units, plan)
     budget = plan.options.target_bits * sum(sizes.values())
-    candidates = [greedy_allocation(units, costs, noise, budget)] + uniform_allocations(units, costs, budget)
-    joint = [probe.noise(weights.allocation(units, choice))[1] for choice in candidates]
+    candidates = [knapsack_allocation(units, costs, damage, budget), greedy_allocation(units, costs, damage, budget)]
+    candidates += uniform_allocations(units, costs, budget)
+    joint = [probe.damage(weights.allocation(units, choice)) for choice in candidates]
     choice = candidates[int(np.argmin(joint))]
     bits = {}
     for i, unit in enumerate(units):

@@ -65,6 +65,33 @@ class OutputProbe:
         return signal, noise
 
 
+    def classifier(self) -> bool:
+        """Whether the model has one output of class scores (batch x classes, at least two)."""
+        return len(self.reference[0]) == 1 and self.reference[0][0].ndim == 2 and self.reference[0][0].shape[1] > 1
+
+    def damage(self, changes: Weights) -> float:
+        """How far the model with ``changes`` moves from the float one: for a classifier the mean KL divergence
+        of its softmax from the float model's (README, "Which sensitivity measure": it ranks the allocations
+        of EfficientNet-Lite0 better than the output noise), else the output noise power (``noise``)."""
+        if not self.classifier():
+            return self.noise(changes)[1]
+        divergence = 0.0
+        for reference, outputs in zip(self.reference, self.outputs(changes)):
+            divergence += float(np.sum(kl_divergence(reference[0], outputs[0])))
+        return divergence / len(self.inputs)
+
+
+def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(logits)) per row (batch x classes)."""
+    p_log, q_log = (log_softmax(z.astype(np.float64)) for z in (reference, logits))
+    return np.sum(np.exp(p_log) * (p_log - q_log), axis=1)
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+
+
 def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray, like: onnx.ModelProto) -> OutputProbe:
     """An ``OutputProbe`` over ``graph`` (float, BatchNorm folded) whose ``layers`` can be changed. An
     output made by Softmax is probed before it: saturated probabilities hide how far the logits moved."""

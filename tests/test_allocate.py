@@ -97,3 +97,59 @@ def test_protect_measures_nothing_under_a_uniform_scheme_or_when_off():
         _, report = quantize(chain_model(), refine="none", check=False, **values)
         assert report.protection == [] and report.synthetic is None
         assert not any(note.startswith("--protect") for note in report.notes)
+
+
+def test_kl_divergence_of_the_softmaxes():
+    import numpy as np
+    from dfmpc_onnx.sensitivity import kl_divergence
+    reference = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    assert kl_divergence(reference, reference + 5.0) == pytest.approx([0.0, 0.0], abs=1e-12)  # shift-invariant
+    moved = np.array([[0.0, 2.0, -1.0], [1.0, 0.0, 0.0]])
+    p = np.exp(reference) / np.exp(reference).sum(1, keepdims=True)
+    q = np.exp(moved) / np.exp(moved).sum(1, keepdims=True)
+    assert kl_divergence(reference, moved) == pytest.approx(np.sum(p * np.log(p / q), axis=1))
+
+
+def brute_force(units, costs, damage, budget):
+    import itertools
+    best = None
+    for combo in itertools.product(*[u.options() for u in units]):
+        bits = sum(unit_bits(u, o, costs) for u, o in zip(units, combo))
+        total = sum(damage[i, o] for i, o in enumerate(combo))
+        if bits <= budget and (best is None or total < best[0]):
+            best = (total, combo)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_knapsack_is_the_least_damage_within_the_budget(seed):
+    import numpy as np
+    from dfmpc_onnx.allocate import knapsack_allocation
+    rng = np.random.default_rng(seed)
+    units = [Unit(("p0",), "c0"), Unit((), "a"), Unit((), "b"), Unit(("p1",), "c1")]
+    sizes = {name: int(rng.integers(10, 200)) for name in ("p0", "c0", "a", "b", "p1", "c1")}
+    damage = {(i, o): float(rng.uniform(0.5, 2.0) * sum(2.0 ** -b for b in o) * rng.uniform(1, 10))
+              for i, u in enumerate(units) for o in u.options()}
+    costs = integer_costs(sizes)
+    budget = 4.0 * sum(sizes.values())
+    choice = knapsack_allocation(units, costs, damage, budget, resolution=20000)
+    found = sum(damage[i, o] for i, o in choice.items())
+    assert sum(unit_bits(u, choice[i], costs) for i, u in enumerate(units)) <= budget
+    assert found == pytest.approx(brute_force(units, costs, damage, budget)[0], rel=0.02)
+    greedy = greedy_allocation(units, costs, damage, budget)
+    assert found <= sum(damage[i, o] for i, o in greedy.items()) + 1e-12
+
+
+def test_knapsack_does_not_spend_a_large_narrowing_where_small_ones_fit():
+    """The greedy's trap: one large unit at 2 bits saves far more than the budget needs."""
+    from dfmpc_onnx.allocate import knapsack_allocation
+    units = [Unit((), "big"), Unit((), "s1"), Unit((), "s2")]
+    sizes = {"big": 1000, "s1": 500, "s2": 500}
+    damage = {}
+    for i, unit in enumerate(units):
+        for option in unit.options():
+            b = option[1]
+            damage[i, option] = {8: 0.0, 6: 0.1, 4: 1.0, 2: 30.0}[b] * (3.0 if unit.consumer == "big" else 1.0)
+    budget = 7.0 * 2000
+    choice = knapsack_allocation(units, integer_costs(sizes), damage, budget)
+    assert choice[0][1] > 2 and average(units, sizes, choice) <= 7.0

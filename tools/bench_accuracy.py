@@ -57,8 +57,9 @@ def top1(model_path: Path, images: np.ndarray, labels: np.ndarray, batch: int = 
 PAPER = dict(refine="none", granularity="tensor", protect="off", kbit_rounding="nearest")
 """The paper's setting: its closed form alone, per-tensor quantizer scales, each weight rounded to the
 nearest level, the scheme's widths as given."""
-ALONE = dict(protect="off")
-"""Each refinement on its own: the rows below measure one stage each, with no pair raised by --protect."""
+ALONE = dict(protect="off", error_feedback="off")
+"""Each refinement on its own: the rows below measure one stage each, with no pair raised by --protect and
+no error feedback."""
 
 METHODS = {
     "original": ("Original (rounding, paper's per-tensor scales)", dict(compensate=False, **PAPER)),
@@ -74,6 +75,10 @@ METHODS = {
                      dict(ternary_threshold="optimal", refine="stats", synthetic="pink", **ALONE)),
     "twn-refit-distill": ("DF-MPC, TWN ternary (Eq. 4) + refit, distilled",
                           dict(ternary_threshold="twn", refine="refit", synthetic="distill", **ALONE)),
+    "feedback-refit-distill": ("DF-MPC + error feedback + refit, distilled",
+                               dict(refine="refit", synthetic="distill", protect="off", error_feedback="on")),
+    "feedback-off": (f"DF-MPC + refit, distilled, --protect {PROTECT_DB:g}, --error-feedback off",
+                     dict(refine="refit", synthetic="distill", error_feedback="off")),
     "protect-pink": (f"DF-MPC + stats, pink noise, --protect {PROTECT_DB:g}", dict(refine="stats", synthetic="pink")),
     "default": (f"DF-MPC + refit, distilled, --protect {PROTECT_DB:g} (default)",
                 dict(refine="refit", synthetic="distill")),
@@ -87,7 +92,7 @@ METHODS = {
                            dict(refine="refit", synthetic="distill", activations="8", activation_range=estimator))
        for estimator in ("minmax", "percentile", "mse")},
 }
-SWEEPS = ("protect-", "a8-", "rounding-")
+SWEEPS = ("protect-", "a8-", "rounding-", "feedback-off")
 """Method keys that the README's table leaves out (``--methods`` runs them): the --protect threshold sweep,
 the activation range estimators and plain rounding of k-bit weights."""
 TERNARY_ONLY = ("optimal-pink", "twn-refit-distill")

