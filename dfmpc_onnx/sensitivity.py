@@ -71,8 +71,8 @@ class OutputProbe:
 
     def damage(self, changes: Weights) -> float:
         """How far the model with ``changes`` moves from the float one: for a classifier the mean KL divergence
-        of its softmax from the float model's (README, "Which sensitivity measure": it ranks the allocations
-        of EfficientNet-Lite0 better than the output noise), else the output noise power (``noise``)."""
+        of its softmax from the float model's (its allocations of EfficientNet-Lite0 kept more than those of
+        the output noise: ``tools/bench_sensitivity.py``, README), else the output noise power (``noise``)."""
         if not self.classifier():
             return self.noise(changes)[1]
         divergence = 0.0

@@ -189,6 +189,8 @@ def main() -> int:
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md and the plot into docs/budget.png")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots from OUT/budget.json")
+    parser.add_argument("--key", default="budget",
+                        help="the README markers the table goes between (the plot is drawn only for 'budget')")
     args = parser.parse_args()
     if args.replot:
         results = json.loads((args.out / "budget.json").read_text())
@@ -203,10 +205,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         results = run(args.models, args.data, Path(workdir))
     plot(results, args.data[0], args.out / "budget.png")
-    if args.readme:
+    if args.readme and args.key == "budget":
         (ROOT / "docs").mkdir(exist_ok=True)
         plot(results, args.data[0], ROOT / "docs" / "budget.png")
-    publish(markdown(results, args.data), results, args.out, "budget", args.readme)
+    publish(markdown(results, args.data), results, args.out, args.key, args.readme)
     return 0
 
 

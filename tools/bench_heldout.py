@@ -59,6 +59,7 @@ class HeldOut:
 CIFAR_RESNET = dict(data="cifar", scale=1 / 255, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
 RAW = ("--input-range 0,255", dict(input_range="0,255"))
 CAFFE = ("--input-range -128,128", dict(input_range="-128,128"))
+FEEDBACK = (", --error-feedback on", dict(error_feedback="on"))
 """What a user of a Caffe model (pixels less the channel mean) gives."""
 ROUNDING = [(f"per-channel rounding {b}-bit (symmetric integers)", dict(scheme=str(b), **ROUNDING_OPTIONS))
             for b in (4, 6)]
@@ -82,6 +83,9 @@ MODELS = {
                               runs=(("default 4/8", dict(scheme="4/8")), ("default 4/8, " + RAW[0], dict(scheme="4/8", **RAW[1])),
                                     ("--target-bits 4", dict(target_bits=4.0)),
                                     ("--target-bits 4, " + RAW[0], dict(target_bits=4.0, **RAW[1])),
+                                    ("--target-bits 4, " + RAW[0] + FEEDBACK[0], dict(target_bits=4.0, **RAW[1], **FEEDBACK[1])),
+                                    ("4, " + RAW[0], dict(scheme="4", **RAW[1])),
+                                    ("4, " + RAW[0] + FEEDBACK[0], dict(scheme="4", **RAW[1], **FEEDBACK[1])),
                                     ("default 2/6, " + RAW[0], dict(RAW[1])),
                                     ("default 2/6, " + RAW[0] + ", --protect off", dict(protect="off", **RAW[1])),
                                     *ROUNDING)),
@@ -228,6 +232,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=default_cache(), help="folder of the cached models")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--key", default="heldout", help="the README markers the table goes between")
     parser.add_argument("--list", action="store_true", help="print each model's origin and exit")
     parser.add_argument("--runtimes", action="store_true", help="score the deployment outputs in onnxruntime and OpenVINO")
     args = parser.parse_args()
@@ -244,7 +249,7 @@ def main() -> int:
             publish(runtime_table(results), results, args.out, "heldout-runtimes", args.readme)
             return 0
         results = run(args.models, args.cache, Path(workdir))
-    publish(markdown(results), results, args.out, "heldout", args.readme)
+    publish(markdown(results), results, args.out, args.key, args.readme)
     return 0
 
 

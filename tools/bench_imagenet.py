@@ -50,6 +50,7 @@ VARIANTS = {  # further rows, on request (--variants)
     "integer-none": ("--kbit-grid integer, --refine none", dict(kbit_grid="integer", refine="none")),
     "rounding-integer": ("plain rounding, symmetric integers per channel", ROUNDING_OPTIONS),
     "nearest": ("--kbit-rounding nearest, default refinement", dict(kbit_rounding="nearest")),
+    "feedback": ("--error-feedback on, default refinement", dict(error_feedback="on")),
 }
 
 
