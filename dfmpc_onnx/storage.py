@@ -187,7 +187,12 @@ def required_opset(plan: Plan, half: bool = False) -> int:
 
 def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan, half: bool = False) -> tuple[onnx.ModelProto, str | None]:
     """``skeleton`` converted to ``required_opset`` when qdq storage needs it and some layer will be
-    quantized, and a note saying so (else the skeleton as it is, and None)."""
+    quantized, and a note saying so (else the skeleton as it is, and None). A float16 model is refused
+    under --activations: its QuantizeLinear scales would be float16, and onnxruntime's fused integer
+    kernels (QLinearConcat and others) take float32 scales only, so it could not load the output."""
+    if half and plan.options.activations != "none":
+        raise InputError("--activations on a float16 model: onnxruntime's integer kernels take float32 "
+                         "scales only; convert the model to float32 first (weight-only quantization works)")
     opset, needed = default_opset(skeleton), required_opset(plan, half)
     if opset >= needed or not has_float32_weights(skeleton):
         return skeleton, None

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import GraphBuilder
 from dfmpc_onnx import quantize
+from dfmpc_onnx.errors import InputError
 
 OPSETS = (7, 9, 11, 12, 13, 17, 21)
 
@@ -185,6 +186,13 @@ def float16_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every float32 tensor in float16, as a float16 export."""
     from dfmpc_onnx.precision import to_float16
     return to_float16(model)
+
+
+def test_float16_models_are_refused_under_activations():
+    """Their float16 activation scales made onnxruntime refuse the output (QLinearConcat takes float32
+    scales): the Caffe2 SqueezeNet of the held-out models; refused with a reason rather than written."""
+    with pytest.raises(InputError, match="--activations on a float16 model"):
+        quantize(float16_model(classifier(17)), "4/8", samples=8, activations="8")
 
 
 @pytest.mark.parametrize("scheme", ("4/8", "8/8", "2/6"))

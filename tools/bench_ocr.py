@@ -134,10 +134,16 @@ def runtime_rows(model: str, source: Path, score, runs: tuple, workdir: Path) ->
     results = []
     for label, options in (("float", None),) + runs:
         path = source
+        row = dict(model=model, method=label, accuracy={})
         if options is not None:
             path = workdir / f"out{len(results)}.onnx"
-            dfmpc_onnx.quantize_file(source, path, **options)
-        row = dict(model=model, method=label, accuracy={})
+            try:
+                dfmpc_onnx.quantize_file(source, path, **options)
+            except dfmpc_onnx.InputError as error:  # the tool refuses: say so in the table
+                row["accuracy"] = {runtime: f"refused by the tool: {str(error)[:50]}" for runtime in RUNTIMES}
+                print(row, flush=True)
+                results.append(row)
+                continue
         for runtime in RUNTIMES:
             try:
                 row["accuracy"][runtime] = round(score(path, runtime), 2)
