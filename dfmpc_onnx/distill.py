@@ -23,6 +23,7 @@ import onnx
 from .errors import InputError
 from .gradient_rules import RULES
 from .gradients import Builder, gradient_model, prepare_forward, static_shape
+from .inputs import model_inputs
 from .domain import InputDomain, unit_domain
 from .maths.optimise import Adam, cosine_rate
 from .maths.priors import low_pass, squared_norm, total_variation
@@ -172,10 +173,15 @@ def batchnorm_loss(b: Builder, graph: onnx.GraphProto) -> tuple[str, dict[str, s
 
 def with_input_shape(model: onnx.ModelProto, batch: int, dims: Sequence[int] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose first input has batch dim ``batch`` (and ``dims`` after it, if given),
-    with shapes inferred again."""
+    with shapes inferred again. The model's real input is put first: old exporters list every weight among
+    the graph inputs, Caffe2's before the image (IR 3 needs them listed, so they stay, after it)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     del copy.graph.value_info[:]
+    real = model_inputs(copy)
+    listed = [i for i in copy.graph.input if i not in real]
+    del copy.graph.input[:]
+    copy.graph.input.extend(real + listed)
     shape = copy.graph.input[0].type.tensor_type.shape.dim
     for dim, value in zip(shape, [batch, *(dims or [d.dim_value for d in shape[1:]])]):
         if value > 0:

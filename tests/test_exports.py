@@ -188,6 +188,18 @@ def float16_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return to_float16(model)
 
 
+def test_weights_listed_before_the_input_are_distilled_through():
+    """Caffe2's exporter lists every weight among the graph inputs, before the real one (the SqueezeNet of
+    the held-out models crashed distillation, which took the first graph input for the image)."""
+    model = classifier(7)
+    inputs = list(model.graph.input)
+    del model.graph.input[:]
+    model.graph.input.extend(inputs[1:] + inputs[:1])
+    quantized, report = quantize(model, "4/8", samples=4, synthetic="distill")
+    assert report.synthetic == "distill"
+    check_runs(quantized, [2, 3, 16, 16])
+
+
 def test_float16_models_are_refused_under_activations():
     """Their float16 activation scales made onnxruntime refuse the output (QLinearConcat takes float32
     scales): the Caffe2 SqueezeNet of the held-out models; refused with a reason rather than written."""
