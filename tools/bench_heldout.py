@@ -112,6 +112,9 @@ MODELS = {
                                       mean=(104, 117, 123), given=CAFFE,
                                       runs=(("default 4/8", dict(scheme="4/8")),
                                             ("default 4/8, " + CAFFE[0], dict(scheme="4/8", **CAFFE[1])),
+                                            ("default 4/8, " + CAFFE[0] + ", --refine none",
+                                             dict(scheme="4/8", refine="none", **CAFFE[1])),
+                                            ("8, " + CAFFE[0], dict(scheme="8", **CAFFE[1])),
                                             ("default 2/6, " + CAFFE[0], dict(CAFFE[1])))),
 }
 
