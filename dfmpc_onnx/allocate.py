@@ -128,12 +128,12 @@ def knapsack_allocation(units: list[Unit], costs: Costs, damage: dict[tuple[int,
     this weighs every combination of options (with the damages taken as additive)."""
     step = budget / resolution if budget > 0 else 1.0
     options = [unit.options() for unit in units]
+    steps = [[int(np.ceil(unit_bits(unit, o, costs) / step - 1e-9)) for o in options[i]] for i, unit in enumerate(units)]
     best = np.zeros(resolution + 1)  # least damage of the units so far within each number of steps
     picks = []
-    for i, unit in enumerate(units):
-        size = [int(np.ceil(unit_bits(unit, o, costs) / step - 1e-9)) for o in options[i]]
-        candidates = np.full((len(size), resolution + 1), np.inf)
-        for k, (o, n) in enumerate(zip(options[i], size)):
+    for i in range(len(units)):
+        candidates = np.full((len(steps[i]), resolution + 1), np.inf)
+        for k, (o, n) in enumerate(zip(options[i], steps[i])):
             if n <= resolution:
                 candidates[k, n:] = best[:resolution + 1 - n] + damage[(i, o)]
         picks.append(np.argmin(candidates, axis=0))
@@ -142,9 +142,9 @@ def knapsack_allocation(units: list[Unit], costs: Costs, damage: dict[tuple[int,
         return {i: min(unit.options(), key=lambda o: (unit_bits(unit, o, costs), o)) for i, unit in enumerate(units)}
     choice, left = {}, resolution
     for i in reversed(range(len(units))):
-        option = options[i][int(picks[i][left])]
-        choice[i] = option
-        left -= int(np.ceil(unit_bits(units[i], option, costs) / step - 1e-9))
+        k = int(picks[i][left])
+        choice[i] = options[i][k]
+        left -= steps[i][k]
     return choice
 
 

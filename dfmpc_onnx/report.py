@@ -90,9 +90,9 @@ class Report:
     activation_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Under --activations: the calibrated range of each quantized activation."""
     shape_guessed: bool = False
+    """Whether a dynamic input dim was given a common size by the tool (no --input-shape)."""
     domain_guessed: bool = False
     """The synthetic inputs' range was guessed (``domain.InputDomain.guessed``)."""
-    """Whether a dynamic input dim was given a common size by the tool (no --input-shape)."""
     notes: list[str] = field(default_factory=list)
     check: CheckResult | None = None
     timings: dict[str, float] = field(default_factory=dict)

@@ -64,7 +64,6 @@ class OutputProbe:
                 noise += float(np.sum((out.astype(np.float64) - ref64) ** 2))
         return signal, noise
 
-
     def classifier(self) -> bool:
         """Whether the model has one output of class scores (batch x classes, at least two)."""
         return len(self.reference[0]) == 1 and self.reference[0][0].ndim == 2 and self.reference[0][0].shape[1] > 1

@@ -40,7 +40,7 @@ from dfmpc_onnx.load import load_model
 from dfmpc_onnx.options import Options, resolve
 from dfmpc_onnx.pairs import find_pairs, kept_out_of_pairs
 from dfmpc_onnx.progress import Console
-from dfmpc_onnx.sensitivity import output_probe
+from dfmpc_onnx.sensitivity import kl_divergence, output_probe
 from dfmpc_onnx.synthetic import make_synthetic_inputs, model_domain
 
 MEASURES = ("output SQNR", "KL divergence", "top-1 agreement")
@@ -62,11 +62,6 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def logits(probe, changes) -> np.ndarray:
     return np.concatenate([chunk[0] for chunk in probe.outputs(changes)]).astype(np.float64)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def measure(model: Path, count: int) -> tuple[list[dict], dict]:
@@ -93,10 +88,9 @@ def measure(model: Path, count: int) -> tuple[list[dict], dict]:
         for option in unit.options():
             changes = unit_weights.unit(unit, option)
             out = logits(synthetic, changes)
-            p, q = softmax(float_synthetic), softmax(out)
             scores[i, option] = {
                 "output SQNR": 10 * np.log10(np.sum(float_synthetic ** 2) / max(np.sum((out - float_synthetic) ** 2), 1e-30)),
-                "KL divergence": float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1))),
+                "KL divergence": float(np.mean(kl_divergence(float_synthetic, out))),
                 "top-1 agreement": float(np.mean(out.argmax(1) == float_synthetic.argmax(1)) * 100)}
             if min(option) < 8:  # the widest option is the greedy's start: scored only on the synthetic inputs
                 top1 = float(np.mean(logits(real, changes).argmax(1) == labels) * 100)
