@@ -28,7 +28,7 @@ from .pairs import Pair, PairSearch
 from .plan import compensated, layer_compensation, quantize_layer, scheme_bits
 from .progress import Console
 from .sensitivity import Weights, output_probe
-from .storage import stored_weight_bits
+from .storage import shared_constant_bits, stored_weight_bits
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,9 @@ def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Laye
             damage[i, option] = probe.damage(weights.unit(unit, option))
         progress.advance()
     costs = layer_costs(layers, units, plan)
-    budget = plan.options.target_bits * sum(sizes.values())
+    shared = shared_constant_bits({layer.weight.ndim for layer in layers.values()}, plan.storage,
+                                  tuple(sorted({plan.grid(b) for b in WIDTHS})))
+    budget = plan.options.target_bits * sum(sizes.values()) - shared
     candidates = [knapsack_allocation(units, costs, damage, budget), greedy_allocation(units, costs, damage, budget)]
     candidates += uniform_allocations(units, costs, budget)
     joint = [probe.damage(weights.allocation(units, choice)) for choice in candidates]
@@ -287,12 +289,12 @@ def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Laye
     for i, unit in enumerate(units):
         bits.update({p: choice[i][0] for p in unit.producers})
         bits[unit.consumer] = choice[i][1]
-    return bits, _allocation_note(units, choice, costs, sum(sizes.values()), plan.options.target_bits)
+    return bits, _allocation_note(units, choice, costs, shared, sum(sizes.values()), plan.options.target_bits)
 
 
-def _allocation_note(units: list[Unit], choice: dict[int, tuple[int, int]], costs: Costs, weights: int,
+def _allocation_note(units: list[Unit], choice: dict[int, tuple[int, int]], costs: Costs, shared: int, weights: int,
                      target_bits: float) -> str:
-    average = sum(unit_bits(u, choice[i], costs) for i, u in enumerate(units)) / weights
+    average = (shared + sum(unit_bits(u, choice[i], costs) for i, u in enumerate(units))) / weights
     counts: dict[str, int] = {}
     for i, unit in enumerate(units):
         key = f"{choice[i][0]}/{choice[i][1]} pair" if unit.producers else f"{choice[i][1]}-bit layer"

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .fidelity import classifier_like, scores_shape
 from .gradient_rules import RULES
 from .gradients import Builder, gradient_model, prepare_forward, static_shape
 from .inputs import model_inputs
@@ -107,9 +108,9 @@ def _objective(forward: onnx.ModelProto, objective: str, samples: int, seed: int
             raise InputError("--synthetic distill needs BatchNormalization nodes with running statistics; "
                              "this model has none (use --synthetic pink)")
         return batchnorm_loss, [], {}, objective
-    classes = logits_shape(forward)[1]
-    targets = np.eye(classes, dtype=np.float32)[class_targets(samples, classes, seed)]
-    extra = [onnx.helper.make_tensor_value_info("targets", onnx.TensorProto.FLOAT, [samples, classes])]
+    dims = (samples,) + logits_shape(forward)[1:]
+    targets = np.eye(dims[1], dtype=np.float32)[class_targets(samples, dims[1], seed)].reshape(dims)
+    extra = [onnx.helper.make_tensor_value_info("targets", onnx.TensorProto.FLOAT, list(dims))]
     return logits_loss, extra, {"targets": targets}, objective
 
 
@@ -118,14 +119,15 @@ def class_targets(samples: int, classes: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, classes]).permutation(np.arange(samples) % classes)
 
 
-def logits_shape(forward: onnx.ModelProto) -> tuple[int, int]:
-    """(batch, classes) of a classifier's one output; InputError for any other model."""
+def logits_shape(forward: onnx.ModelProto) -> tuple[int, ...]:
+    """(batch, classes), or (batch, classes, 1, 1) for a conv head, of a classifier's one output; InputError
+    for any other model."""
     outputs = forward.graph.output
-    dims = [d.dim_value for d in outputs[0].type.tensor_type.shape.dim] if len(outputs) == 1 else []
-    if len(dims) != 2 or dims[1] < 2:
+    dims = tuple(d.dim_value for d in outputs[0].type.tensor_type.shape.dim) if len(outputs) == 1 else ()
+    if len(scores_shape(dims)) != 2 or not classifier_like(dims):
         raise InputError("distillation without BatchNorm statistics needs a classifier: one output of shape "
-                         "(batch, classes)")
-    return dims[0], dims[1]
+                         "(batch, classes) or (batch, classes, 1, 1)")
+    return dims
 
 
 def logits_loss(b: Builder, graph: onnx.GraphProto) -> tuple[str, dict[str, str]]:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import InputError
+from .fidelity import class_scores
 from .graph import constant_value
 from .maths.noise import noise_batch
 from .maths.statistics import im2col
@@ -109,8 +110,8 @@ def _responsive_range(unit: InputDomain, shape: list, predict: Callable[[np.ndar
                                        unit.channel_axis, (lo, hi), guessed=True) for lo, hi in CANDIDATE_RANGES]
     scores = []
     for domain in candidates:
-        scores_out = predict(domain.apply(z))
-        if scores_out.ndim != 2 or scores_out.shape[1] < 2:
+        scores_out = class_scores(predict(domain.apply(z)))
+        if scores_out is None or scores_out.ndim != 2:
             return unit
         counts = np.bincount(scores_out.argmax(axis=1), minlength=scores_out.shape[1])
         p = counts[counts > 0] / len(z)

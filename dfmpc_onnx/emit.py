@@ -15,13 +15,15 @@ per-output-channel scales, in the types ``storage.storage_parts`` chooses;
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .graph import Layer, NameSource, from_rows, replace_list
 from .pairs import Pair
 from .plan import QuantizedLayer
-from .storage import packed_tensor, split_codes, storage_parts, stored_rows, stores_offset
+from .storage import (packed_tensor, scale_type, split_codes, storage_parts, stored_rows, stores_offset,
+                      with_stored_scale)
 
 
 def emit(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], pairs: tuple[Pair, ...], format: str,
@@ -92,8 +94,9 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
     graph's opset must be at least ``storage_opset`` of every layer's bits.
     """
     names = NameSource(graph)
+    constants: dict[tuple, gs.Constant] = {}
     for name, ql in qlayers.items():
-        q, bias = ql.weight, ql.bias
+        q, bias = with_stored_scale(ql.weight, storage), ql.bias
         layer = ql.layer
         parts = storage_parts(q.bits, storage, q.grid)
         base_step = parts[-1][1]
@@ -102,13 +105,13 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
         attrs = {} if per_tensor else {"axis": layer.out_axis}
         # the file stores one scale per channel, (step of the last part) x s; the other parts' scales and the
         # DoReFa offset s are exact power-of-two multiples of it, computed in the graph
-        base = gs.Constant(names.fresh(f"{name}.weight_scale"), np.array(scale[0]) if per_tensor else scale)
+        base = _scale_input(graph, names, name, scale[:1].reshape(()) if per_tensor else scale, storage)
         terms = []
         for index, ((dtype, step), part) in enumerate(zip(parts, split_codes(q, storage))):
             values = from_rows(part, layer.weight.shape, layer.out_axis)
             codes_name = names.fresh(f"{name}.weight_{np.dtype(dtype).name}")
             codes = gs.Constant(codes_name, LazyValues(packed_tensor(codes_name, values, dtype)))
-            part_scale = base if step == base_step else _scaled(graph, names, name, base, step / base_step)
+            part_scale = base if step == base_step else _scaled(graph, names, constants, name, base, step / base_step)
             terms.append(gs.Variable(names.fresh(f"{name}.weight_dq"), dtype=np.float32,
                                      shape=list(layer.weight.shape)))
             graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.DequantizeLinear{index or ''}",
@@ -116,8 +119,8 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
         if stores_offset(q.bits, storage, q.grid):  # W = s (2 m + 1): the + s, broadcast along the output-channel axis
             shape = [1] * layer.weight.ndim
             shape[layer.out_axis] = -1
-            channels = base if per_tensor else _reshaped(graph, names, name, base, shape)
-            terms.append(_scaled(graph, names, name, channels, 1.0 / base_step))
+            channels = base if per_tensor else _reshaped(graph, names, constants, name, base, shape)
+            terms.append(_scaled(graph, names, constants, name, channels, 1.0 / base_step))
         weight = terms[0]
         for index, term in enumerate(terms[1:]):
             total = gs.Variable(names.fresh(f"{name}.weight_sum"), dtype=np.float32, shape=list(layer.weight.shape))
@@ -129,19 +132,44 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
     graph.toposort()
 
 
-def _scaled(graph: gs.Graph, names: NameSource, layer: str, tensor: gs.Tensor, factor: float) -> gs.Variable:
+def _scale_input(graph: gs.Graph, names: NameSource, layer: str, scale: np.ndarray, storage: str) -> gs.Tensor:
+    """The layer's scales as the file stores them (``storage.scale_type``): a float32 constant, or a float16
+    one and a Cast to float32."""
+    dtype = scale_type(scale, storage)
+    stored = gs.Constant(names.fresh(f"{layer}.weight_scale"), scale.astype(dtype))
+    if dtype == np.float32:
+        return stored
+    out = gs.Variable(names.fresh(f"{layer}.weight_scale_float"), dtype=np.float32, shape=list(scale.shape))
+    graph.nodes.append(gs.Node("Cast", name=names.fresh(f"{layer}.weight_scale_cast"), inputs=[stored], outputs=[out],
+                               attrs={"to": onnx.TensorProto.FLOAT}))
+    return out
+
+
+def _shared(names: NameSource, constants: dict[tuple, gs.Constant], base: str, value: np.ndarray) -> gs.Constant:
+    """One constant per distinct value, shared by every layer that needs it."""
+    key = (value.dtype.str, value.shape, value.tobytes())
+    if key not in constants:
+        constants[key] = gs.Constant(names.fresh(base), value)
+    return constants[key]
+
+
+def _scaled(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], layer: str, tensor: gs.Tensor,
+            factor: float) -> gs.Variable:
     """A Mul node: ``tensor`` x ``factor`` (a power of two here, so exact in float32)."""
     out = gs.Variable(names.fresh(f"{layer}.weight_scale_x{factor:g}"), dtype=np.float32)
     graph.nodes.append(gs.Node("Mul", name=names.fresh(f"{layer}.weight_scale_mul"),
-                               inputs=[tensor, gs.Constant(names.fresh(f"{layer}.factor"), np.array(factor, np.float32))],
+                               inputs=[tensor, _shared(names, constants, f"weight_factor_{factor:g}",
+                                                       np.array(factor, np.float32))],
                                outputs=[out]))
     return out
 
 
-def _reshaped(graph: gs.Graph, names: NameSource, layer: str, tensor: gs.Tensor, shape: list[int]) -> gs.Variable:
+def _reshaped(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], layer: str, tensor: gs.Tensor,
+              shape: list[int]) -> gs.Variable:
     out = gs.Variable(names.fresh(f"{layer}.weight_scale_reshaped"), dtype=np.float32)
     graph.nodes.append(gs.Node("Reshape", name=names.fresh(f"{layer}.weight_scale_reshape"),
-                               inputs=[tensor, gs.Constant(names.fresh(f"{layer}.shape"), np.array(shape, np.int64))],
+                               inputs=[tensor, _shared(names, constants, "weight_scale_shape",
+                                                       np.array(shape, np.int64))],
                                outputs=[out]))
     return out
 

@@ -60,10 +60,25 @@ class Fidelity:
                 "outputs": [vars(o) for o in self.outputs]}
 
 
-def classifier_like(shape: tuple[int, ...]) -> bool:
-    """Outputs whose last axis holds scores to take an argmax of: (batch, classes), or (batch, positions,
-    classes) as sequence recognisers give; not feature maps (rank 4 and more) or single values."""
-    return len(shape) in (2, 3) and shape[-1] >= 2
+def scores_shape(shape: tuple) -> tuple:
+    """``shape`` without the trailing axes of size 1 after the second: (batch, classes, 1, 1), as a conv
+    head with global pooling leaves it, is (batch, classes)."""
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def classifier_like(shape: tuple) -> bool:
+    """Outputs whose last axis (``scores_shape``) holds scores to take an argmax of: (batch, classes), or
+    (batch, positions, classes) as sequence recognisers give; not feature maps or single values."""
+    shape = scores_shape(shape)
+    return len(shape) in (2, 3) and isinstance(shape[-1], int) and shape[-1] >= 2
+
+
+def class_scores(values: np.ndarray) -> np.ndarray | None:
+    """``values`` reshaped to ``scores_shape`` when they are classifier-like, else None."""
+    return values.reshape(scores_shape(values.shape)) if classifier_like(values.shape) else None
 
 
 def measure_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str],
@@ -77,7 +92,7 @@ def measure_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], n
         sqnr = decibels(signal, noise)
         agreement = None
         if classifier_like(r.shape):
-            agreement = 100.0 * float(np.mean(r.argmax(axis=-1) == c.argmax(axis=-1)))
+            agreement = 100.0 * float(np.mean(class_scores(r).argmax(axis=-1) == class_scores(c).argmax(axis=-1)))
         outputs.append(OutputFidelity(name, sqnr, agreement))
     return Fidelity(inputs, tuple(outputs))
 

@@ -266,7 +266,7 @@ class ModelFacts:
     obstacle: str | None
     """Why the model cannot take synthetic inputs (several inputs, dynamic dims), or None."""
     classifier: bool = False
-    """One output of shape (batch, classes)."""
+    """One output of shape (batch, classes), or (batch, classes, 1, 1) as a conv head with global pooling gives."""
     macs: float | None = None
     """Multiply-accumulates of the weighted layers per input, where the shapes say."""
 

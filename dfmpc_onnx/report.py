@@ -263,15 +263,16 @@ def stored_bits_per_weight(model: onnx.ModelProto) -> float | None:
     """Bits the file spends per weight of its Conv, Gemm and MatMul layers, measured from the file.
 
     A layer's weight costs every initializer that its weight input is
-    computed from through DequantizeLinear, Add, Mul and Reshape nodes
-    (integers, scales, zero points, factors, shapes), or its float initializer; the weight count is the
-    element count of the stored integers (or floats). Biases are not counted.
+    computed from through DequantizeLinear, Add, Mul, Reshape and Cast nodes
+    (integers, scales, zero points, factors, shapes), or its float initializer, each initializer counted
+    once however many layers share it; the weight count is the element count of the stored integers (or
+    floats). Biases are not counted.
     None if the model has no such layer with a constant weight.
     """
     initializers = {t.name: t for t in model.graph.initializer}
-    producers = {out: node for node in model.graph.node if node.op_type in ("DequantizeLinear", "Add", "Mul", "Reshape")
-                 for out in node.output}
-    bits = weights = 0
+    producers = {out: node for node in model.graph.node
+                 if node.op_type in ("DequantizeLinear", "Add", "Mul", "Reshape", "Cast") for out in node.output}
+    spent, weights = set(), 0
     for node in model.graph.node:
         if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
             continue
@@ -291,9 +292,9 @@ def stored_bits_per_weight(model: onnx.ModelProto) -> float | None:
             if not count and len(sources) == 1:
                 count = int(np.prod(initializers[next(iter(sources))].dims))
             if count:
-                bits += 8 * sum(_tensor_bytes(initializers[name]) for name in sources)
+                spent |= sources
                 weights += count
-    return bits / weights if weights else None
+    return 8 * sum(_tensor_bytes(initializers[name]) for name in spent) / weights if weights else None
 
 
 def _fmt(value, digits: int = 0) -> str:

@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from .fidelity import scores_shape
 from .graph import Layer, batch_chunk, weight_feed, with_outputs, with_weight_inputs
 from .maths.statistics import channel_statistics
 from .runtime import graph_session, own_graph, run_in_chunks
@@ -66,7 +67,8 @@ class OutputProbe:
 
     def classifier(self) -> bool:
         """Whether the model has one output of class scores (batch x classes, at least two)."""
-        return len(self.reference[0]) == 1 and self.reference[0][0].ndim == 2 and self.reference[0][0].shape[1] > 1
+        shape = scores_shape(self.reference[0][0].shape)
+        return len(self.reference[0]) == 1 and len(shape) == 2 and shape[1] > 1
 
     def damage(self, changes: Weights) -> float:
         """How far the model with ``changes`` moves from the float one: for a classifier the mean KL divergence
@@ -76,7 +78,8 @@ class OutputProbe:
             return self.noise(changes)[1]
         divergence = 0.0
         for reference, outputs in zip(self.reference, self.outputs(changes)):
-            divergence += float(np.sum(kl_divergence(reference[0], outputs[0])))
+            shape = scores_shape(reference[0].shape)
+            divergence += float(np.sum(kl_divergence(reference[0].reshape(shape), outputs[0].reshape(shape))))
         return divergence / len(self.inputs)
 
 

@@ -76,15 +76,45 @@ TYPE_BITS = {ml_dtypes.int2: 2, ml_dtypes.uint2: 2, ml_dtypes.int4: 4, np.int8: 
 def stored_weight_bits(bits: int, shape: tuple[int, ...], out_axis: int, per_channel: bool, storage: str = "exact",
                        grid: str = "dorefa") -> int:
     """Bits the file spends on one weight of ``shape`` quantized to ``bits``, as ``emit.emit_qdq`` writes it:
-    the packed integers of every part, the float32 scales (one per output channel, or one), and the
-    constants that derive the other parts' scales and the DoReFa offset from them."""
+    the packed integers of every part and the scales (one per output channel, or one, in ``scale_type``).
+    The constants that derive the other parts' scales and the DoReFa offset from them are shared by every
+    layer, so no layer's cost."""
     parts = storage_parts(bits, storage, grid)
     total = sum(TYPE_BITS[dtype] for dtype, _ in parts) * int(np.prod(shape))
-    total += 32 * (int(shape[out_axis]) if per_channel else 1)
-    total += 32 * sum(step != parts[-1][1] for _, step in parts)
-    if stores_offset(bits, storage, grid):
-        total += 32 + (64 * len(shape) if per_channel else 0)  # the factor, and the scale's reshape target
-    return total
+    return total + SCALE_BITS[storage] * (int(shape[out_axis]) if per_channel else 1)
+
+
+def shared_constant_bits(ranks: set[int], storage: str = "exact", grids: tuple[str, ...] = ("dorefa",)) -> int:
+    """At most what the constants ``emit.emit_qdq`` shares between layers cost, whatever the widths in
+    ``WIDTHS``: one float32 per power-of-two factor between the parts' scales, and for the DoReFa offset
+    its factor and one int64 reshape target per weight rank."""
+    factors, offset = set(), False
+    for bits in WIDTHS:
+        for grid in grids:
+            parts = storage_parts(bits, storage, grid)
+            factors |= {step / parts[-1][1] for _, step in parts if step != parts[-1][1]}
+            if stores_offset(bits, storage, grid):
+                factors.add(1.0 / parts[-1][1])
+                offset = True
+    return 32 * len(factors) + (64 * sum(ranks) if offset else 0)
+
+
+SCALE_BITS = {"exact": 16, "portable": 32, "int8": 32}
+"""Bits per stored scale of each storage (``scale_type``, when the scales fit float16)."""
+
+
+def scale_type(scale: np.ndarray, storage: str) -> type:
+    """How the file stores a layer's scales: ``exact`` in float16 where every scale is a normal float16
+    number (11 significant bits: a relative error below 2^-11 in each channel's scale, a gain error far
+    below the step of any width the tool writes), cast to float32 in the graph; ``portable`` and ``int8`` in
+    float32, the constant scale that QDQ toolchains and integer kernels read."""
+    fits = np.all((np.abs(scale) >= np.finfo(np.float16).tiny) & (np.abs(scale) <= np.finfo(np.float16).max))
+    return np.float16 if storage == "exact" and fits else np.float32
+
+
+def with_stored_scale(q: QuantizedWeight, storage: str) -> QuantizedWeight:
+    """``q`` with its scales as the file keeps them (``scale_type``)."""
+    return q if scale_type(q.scale, storage) == np.float32 else q.with_scale(q.scale.astype(np.float16))
 
 
 OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}

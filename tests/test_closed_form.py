@@ -63,8 +63,8 @@ def dorefa(w: np.ndarray, k: int) -> np.ndarray:
 def test_written_weights_are_the_closed_form(lambda1, lambda2):
     source = onnx.load(RESNET20)
     model, report = quantize(source, scheme="2/6", refine="none", granularity="tensor", protect="off",
-                             kbit_rounding="nearest", lambda1=lambda1,
-                             lambda2=lambda2, check=False)
+                             kbit_rounding="nearest", lambda1=lambda1, lambda2=lambda2, check=False,
+                             storage="portable")  # float32 scales: the closed form to float32 precision
     float_convs, written = folded_convs(source), written_weights(model)
     roles = {layer.name: layer.role for layer in report.layers}
     assert sorted(set(roles.values())) == ["high", "low", "unpaired"]
@@ -93,7 +93,8 @@ def test_default_rounding_keeps_each_kernel_sum():
     float_convs = folded_convs(source)
     worst = {}
     for rounding in ("kernel-sum", "nearest"):
-        model, _ = quantize(source, scheme="6", refine="none", compensate=False, kbit_rounding=rounding, check=False)
+        model, _ = quantize(source, scheme="6", refine="none", compensate=False, kbit_rounding=rounding, check=False,
+                            storage="portable")
         errors = []
         for name, (weight, _) in written_weights(model).items():
             w = float_convs[name][0]

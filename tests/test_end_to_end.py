@@ -108,6 +108,8 @@ def test_resnet20_bias_correction_end_to_end(resnet20, tmp_path):
 def test_resnet20_mse_range_clips_the_k_bit_layers(resnet20, tmp_path):
     def scales(model):
         values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        values.update({n.output[0]: values[n.input[0]] for n in model.graph.node
+                       if n.op_type == "Cast" and n.input[0] in values})  # float16 scales
         return {n.name.split(".DequantizeLinear")[0]: values[n.input[1]] for n in model.graph.node
                 if n.op_type == "DequantizeLinear" and n.name.endswith(".DequantizeLinear")}
     plain, _ = quantize_cli(resnet20, tmp_path / "max.onnx", "--scheme", "4/8", "--refine", "none")

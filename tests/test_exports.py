@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import GraphBuilder
+from conftest import GraphBuilder, run_model
 from dfmpc_onnx import quantize
 from dfmpc_onnx.errors import InputError
 
@@ -198,6 +198,26 @@ def test_weights_listed_before_the_input_are_distilled_through():
     quantized, report = quantize(model, "4/8", samples=4, synthetic="distill")
     assert report.synthetic == "distill"
     check_runs(quantized, [2, 3, 16, 16])
+
+
+def conv_head_classifier() -> onnx.ModelProto:
+    """SqueezeNet's head: a 1 x 1 conv to the classes, GlobalAveragePool and Softmax, so that the output is
+    (batch, classes, 1, 1)."""
+    g = GraphBuilder(seed=3)
+    x = g.node("Relu", [g.conv(g.node("Relu", [g.conv("x", 3, 8, name="stem")]), 8, 8, name="conv")])
+    return g.model(g.node("Softmax", [g.node("GlobalAveragePool", [g.conv(x, 8, 10, k=1, name="head")])], axis=1))
+
+
+def test_conv_head_outputs_are_classifier_scores():
+    """(batch, classes, 1, 1) outputs get a top-1 agreement, can be distilled for, and --target-bits
+    scores them by KL divergence, as (batch, classes) outputs."""
+    model = conv_head_classifier()
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim][1:] == [10, 1, 1]
+    quantized, report = quantize(model, "2/6", samples=8, synthetic="distill")
+    assert report.synthetic == "distill" and report.fidelity.top1_agreement is not None
+    assert run_model(quantized, np.ones((1, 3, 8, 8), np.float32)).shape == (1, 10, 1, 1)
+    _, budget = quantize(model, target_bits=4.0, samples=8)
+    assert budget.fidelity.top1_agreement is not None
 
 
 def test_float16_models_are_refused_under_activations():

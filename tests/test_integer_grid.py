@@ -46,7 +46,8 @@ def test_integer_grid_end_to_end(scheme, storage):
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     float_model, _ = quantize(source, scheme, kbit_grid="integer", format="float", refine="none", protect="off",
                               check=False)
-    np.testing.assert_allclose(run_model(model, x), run_model(float_model, x), rtol=1e-4, atol=1e-5)
+    expected = run_model(float_model, x)  # exact storage rounds the scales to float16 (2^-11)
+    np.testing.assert_allclose(run_model(model, x), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
     assert report.check is not None
     bits = {layer.name: layer.bits for layer in report.layers}
     for name, weight in dequantized_weights(model).items():

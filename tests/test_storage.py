@@ -39,9 +39,10 @@ def test_portable_output_uses_int4_and_int8_at_opset_21_at_most(scheme, storage,
     assert integer_types <= types
     assert max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx")) <= max(opset, 17)
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(run_model(portable, x), run_model(exact, x), rtol=1e-4, atol=1e-5)
+    expected = run_model(exact, x)  # the same network, but for the scales, float16 in exact storage (2^-11)
+    np.testing.assert_allclose(run_model(portable, x), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
     for name, weight in dequantized_weights(exact).items():
-        np.testing.assert_allclose(dequantized_weights(portable)[name], weight, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(dequantized_weights(portable)[name], weight, rtol=2.0**-11, atol=1e-7)
 
 
 def test_portable_weights_up_to_7_bits_are_one_dequantizelinear_feeding_the_layer():
