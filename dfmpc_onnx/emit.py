@@ -21,8 +21,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .graph import Layer, NameSource, from_rows, replace_list
 from .pairs import Pair
+from .maths.quantizers import QuantizedWeight
 from .plan import QuantizedLayer
-from .storage import (packed_tensor, scale_type, split_codes, storage_parts, stored_rows, stores_offset,
+from .storage import (packed_tensor, split_codes, storage_parts, stored_rows, stores_offset, stored_scale,
                       with_stored_scale)
 
 
@@ -100,12 +101,11 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
         layer = ql.layer
         parts = storage_parts(q.bits, storage, q.grid)
         base_step = parts[-1][1]
-        scale = q.scale.astype(np.float32) * np.float32(base_step)
-        per_tensor = bool(np.all(scale == scale[0]))
+        per_tensor = bool(np.all(q.scale == q.scale[0]))
         attrs = {} if per_tensor else {"axis": layer.out_axis}
         # the file stores one scale per channel, (step of the last part) x s; the other parts' scales and the
         # DoReFa offset s are exact power-of-two multiples of it, computed in the graph
-        base = _scale_input(graph, names, name, scale[:1].reshape(()) if per_tensor else scale, storage)
+        base = _scale_input(graph, names, constants, name, q, base_step, storage)
         terms = []
         for index, ((dtype, step), part) in enumerate(zip(parts, split_codes(q, storage))):
             values = from_rows(part, layer.weight.shape, layer.out_axis)
@@ -132,17 +132,26 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
     graph.toposort()
 
 
-def _scale_input(graph: gs.Graph, names: NameSource, layer: str, scale: np.ndarray, storage: str) -> gs.Tensor:
-    """The layer's scales as the file stores them (``storage.scale_type``): a float32 constant, or a float16
-    one and a Cast to float32."""
-    dtype = scale_type(scale, storage)
-    stored = gs.Constant(names.fresh(f"{layer}.weight_scale"), scale.astype(dtype))
-    if dtype == np.float32:
-        return stored
-    out = gs.Variable(names.fresh(f"{layer}.weight_scale_float"), dtype=np.float32, shape=list(scale.shape))
+def _scale_input(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], layer: str,
+                 q: QuantizedWeight, step: int, storage: str) -> gs.Tensor:
+    """The scales ``step`` x s of q (already as the file keeps them, ``with_stored_scale``) as the file stores
+    them (``storage.stored_scale``): a float32 constant, or float16 values, a Cast to float32 and, where the
+    values are shifted into float16's range, a Mul by 2^k."""
+    values, k = stored_scale(q.scale, storage)
+    if values.dtype == np.float32:
+        return _scale_constant(names, layer, (q.scale * step).astype(np.float32))
+    if k == 0:
+        values = (values.astype(np.float32) * step).astype(np.float16)  # a normal float16 number: exact
+    stored = _scale_constant(names, layer, values)
+    out = gs.Variable(names.fresh(f"{layer}.weight_scale_float"), dtype=np.float32, shape=list(stored.shape))
     graph.nodes.append(gs.Node("Cast", name=names.fresh(f"{layer}.weight_scale_cast"), inputs=[stored], outputs=[out],
                                attrs={"to": onnx.TensorProto.FLOAT}))
-    return out
+    return out if k == 0 else _scaled(graph, names, constants, layer, out, 2.0**k * step)
+
+
+def _scale_constant(names: NameSource, layer: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(names.fresh(f"{layer}.weight_scale"), values[:1].reshape(()) if np.all(values == values[0])
+                       else values)
 
 
 def _shared(names: NameSource, constants: dict[tuple, gs.Constant], base: str, value: np.ndarray) -> gs.Constant:

@@ -76,7 +76,7 @@ TYPE_BITS = {ml_dtypes.int2: 2, ml_dtypes.uint2: 2, ml_dtypes.int4: 4, np.int8: 
 def stored_weight_bits(bits: int, shape: tuple[int, ...], out_axis: int, per_channel: bool, storage: str = "exact",
                        grid: str = "dorefa") -> int:
     """Bits the file spends on one weight of ``shape`` quantized to ``bits``, as ``emit.emit_qdq`` writes it:
-    the packed integers of every part and the scales (one per output channel, or one, in ``scale_type``).
+    the packed integers of every part and the scales (one per output channel, or one, ``stored_scale``).
     The constants that derive the other parts' scales and the DoReFa offset from them are shared by every
     layer, so no layer's cost."""
     parts = storage_parts(bits, storage, grid)
@@ -103,18 +103,30 @@ SCALE_BITS = {"exact": 16, "portable": 32, "int8": 32}
 """Bits per stored scale of each storage (``scale_type``, when the scales fit float16)."""
 
 
-def scale_type(scale: np.ndarray, storage: str) -> type:
-    """How the file stores a layer's scales: ``exact`` in float16 where every scale is a normal float16
-    number (11 significant bits: a relative error below 2^-11 in each channel's scale, a gain error far
-    below the step of any width the tool writes), cast to float32 in the graph; ``portable`` and ``int8`` in
-    float32, the constant scale that QDQ toolchains and integer kernels read."""
-    fits = np.all((np.abs(scale) >= np.finfo(np.float16).tiny) & (np.abs(scale) <= np.finfo(np.float16).max))
-    return np.float16 if storage == "exact" and fits else np.float32
+def stored_scale(scale: np.ndarray, storage: str) -> tuple[np.ndarray, int]:
+    """A layer's scales as the file stores them: (values, k), the scales being values x 2^k.
+
+    ``exact``: float16 values, 11 significant bits, a relative error below 2^-11 in each channel's scale (a
+    gain error far below the step of any width the tool writes). k = 0 where every nonzero scale, and 8
+    times it (the step of the widest part, ``storage_parts``), is a normal float16 number; otherwise
+    (folded BatchNorm leaves some layers' scales below float16's range) k puts the largest scale in
+    [2^14, 2^15), and only channels 2^28 times smaller than it, which compute nothing, lose precision.
+    ``portable`` and ``int8``: float32 values, the constant scale QDQ toolchains and integer kernels read."""
+    if storage != "exact":
+        return scale.astype(np.float32), 0
+    magnitude = np.abs(scale[scale != 0])
+    if magnitude.size == 0 or (magnitude.min() >= 2.0**-14 and magnitude.max() * 8 < 2.0**15):
+        return scale.astype(np.float16), 0
+    k = int(np.floor(np.log2(magnitude.max()))) - 14
+    return (scale / 2.0**k).astype(np.float16), k
 
 
 def with_stored_scale(q: QuantizedWeight, storage: str) -> QuantizedWeight:
-    """``q`` with its scales as the file keeps them (``scale_type``)."""
-    return q if scale_type(q.scale, storage) == np.float32 else q.with_scale(q.scale.astype(np.float16))
+    """``q`` with its scales as the file keeps them (``stored_scale``)."""
+    if storage != "exact":
+        return q
+    values, k = stored_scale(q.scale, storage)
+    return q.with_scale(values.astype(np.float64) * 2.0**k)
 
 
 OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}

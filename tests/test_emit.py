@@ -84,12 +84,18 @@ def test_exact_storage_keeps_the_scales_in_float16():
     assert stored_bits_per_weight(exact) < stored_bits_per_weight(portable)
 
 
-def test_scales_outside_float16_stay_float32():
-    from dfmpc_onnx.storage import scale_type
+def test_scales_below_float16_are_shifted_into_its_range():
+    """Folded BatchNorm leaves some channels' scales far below float16's normal numbers (ResNet-20: 1e-7):
+    they are stored as float16 times a power of two, each within 2^-11 of the float32 scale."""
+    from dfmpc_onnx.storage import stored_scale
 
-    assert scale_type(np.array([1e-3, 0.5]), "exact") is np.float16
-    assert scale_type(np.array([1e-3, 1e-9]), "exact") is np.float32  # below float16's normal numbers
-    assert scale_type(np.array([1e-3, 0.5]), "portable") is np.float32
+    cases = {(1e-3, 0.5): False, (1.9e-7, 6e-8, 2e-3): True, (3e4, 7e4): True, (0.0, 1e-9): True}
+    for scale, shifted in cases.items():
+        values, k = stored_scale(np.array(scale), "exact")
+        assert values.dtype == np.float16 and (k != 0) == shifted
+        np.testing.assert_allclose(values.astype(np.float64) * 2.0**k, scale, rtol=2.0**-11, atol=0)
+    values, k = stored_scale(np.array([1e-3, 1e-9]), "portable")
+    assert values.dtype == np.float32 and k == 0
 
 
 @pytest.mark.parametrize("make", [chain_model, residual_model])

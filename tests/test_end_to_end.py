@@ -108,8 +108,11 @@ def test_resnet20_bias_correction_end_to_end(resnet20, tmp_path):
 def test_resnet20_mse_range_clips_the_k_bit_layers(resnet20, tmp_path):
     def scales(model):
         values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        values.update({n.output[0]: values[n.input[0]] for n in model.graph.node
-                       if n.op_type == "Cast" and n.input[0] in values})  # float16 scales
+        for n in model.graph.node:  # float16 scales: Cast, and a Mul by 2^k where they were shifted
+            if n.op_type in ("Cast", "Mul") and all(i in values for i in n.input):
+                values[n.output[0]] = values[n.input[0]].astype(np.float64)
+                if n.op_type == "Mul":
+                    values[n.output[0]] = values[n.output[0]] * values[n.input[1]]
         return {n.name.split(".DequantizeLinear")[0]: values[n.input[1]] for n in model.graph.node
                 if n.op_type == "DequantizeLinear" and n.name.endswith(".DequantizeLinear")}
     plain, _ = quantize_cli(resnet20, tmp_path / "max.onnx", "--scheme", "4/8", "--refine", "none")
