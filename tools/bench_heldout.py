@@ -114,6 +114,8 @@ MODELS = {
                                             ("default 4/8, " + CAFFE[0], dict(scheme="4/8", **CAFFE[1])),
                                             ("default 4/8, " + CAFFE[0] + ", --refine none",
                                              dict(scheme="4/8", refine="none", **CAFFE[1])),
+                                            ("default 4/8, " + CAFFE[0] + ", --synthetic distill",
+                                             dict(scheme="4/8", synthetic="distill", **CAFFE[1])),
                                             ("8, " + CAFFE[0], dict(scheme="8", **CAFFE[1])),
                                             ("default 2/6, " + CAFFE[0], dict(CAFFE[1])))),
 }
