@@ -204,6 +204,17 @@ def default_cache() -> Path:
     return Path(os.environ.get("DFMPC_MODEL_CACHE", ROOT.parent / "cache" / "models"))
 
 
+def model_parser(description: str, models: list[str], key: str) -> argparse.ArgumentParser:
+    """The options of a benchmark over cached third-party models: --models, --cache, --out, --readme, --key."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", choices=models, default=models)
+    parser.add_argument("--cache", type=Path, default=default_cache(), help="folder of the cached models")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
+    parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--key", default=key, help="the README markers the table goes between")
+    return parser
+
+
 def publish(table: str, results: list[dict], out: Path, key: str, readme: bool) -> None:
     """Print the table, write OUT/KEY.md and OUT/KEY.json, and with ``readme`` put it in README.md."""
     (out / f"{key}.md").write_text(table + "\n")

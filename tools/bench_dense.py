@@ -15,7 +15,6 @@ maps against the float model's (dB, over all pixels), and the mean IoU of the ma
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import onnx
 
 import dfmpc_onnx
-from bench_accuracy import ROOT, SHARED, default_cache, publish
+from bench_accuracy import SHARED, model_parser, publish
 from bench_imagenet import load_sample
 from bench_ocr import recogniser
 from fetch_heldout import Recipe, source_file
@@ -142,13 +141,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--cache", type=Path, default=default_cache(), help="folder of the cached models")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
-    parser.add_argument("--readme", action="store_true")
-    parser.add_argument("--key", default="dense", help="the README markers the table goes between")
-    args = parser.parse_args()
+    args = model_parser(__doc__.splitlines()[0], list(MODELS), "dense").parse_args()
     if not (SHARED / "data").is_dir():
         print(f"skipped: {SHARED}/data is absent", file=sys.stderr)
         return 0

@@ -14,7 +14,6 @@ preprocessing its authors use. Scores: top-1 on the shared CIFAR-10 test images 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import numpy as np
 import onnx
 
 import dfmpc_onnx
-from bench_accuracy import PAPER, ROOT, SHARED, default_cache, publish
+from bench_accuracy import PAPER, SHARED, model_parser, publish
 from bench_budget import ROUNDING_OPTIONS
 from bench_ocr import recogniser, runtime_rows, runtime_table
 from dfmpc_onnx.report import stored_bits_per_weight
@@ -232,12 +231,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--cache", type=Path, default=default_cache(), help="folder of the cached models")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
-    parser.add_argument("--readme", action="store_true")
-    parser.add_argument("--key", default="heldout", help="the README markers the table goes between")
+    parser = model_parser(__doc__.splitlines()[0], list(MODELS), "heldout")
     parser.add_argument("--list", action="store_true", help="print each model's origin and exit")
     parser.add_argument("--runtimes", action="store_true", help="score the deployment outputs in onnxruntime and OpenVINO")
     args = parser.parse_args()
