@@ -296,3 +296,11 @@ def test_statistics_matching_runs_through_a_resized_position_embedding(refine, f
     assert report.refine == refine and report.count("unpaired") == 2 and report.count("float") == 0
     x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
     assert run_model(quantized, x).shape == (2, 8, 8, 8)
+
+
+def test_fidelity_on_pink_noise_says_it_predicts_accuracy_loosely():
+    model = classifier(7, batchnorm=False)
+    _, pink = quantize(model, "4/8", samples=8, synthetic="pink")
+    _, distilled = quantize(classifier(7), "4/8", samples=8, synthetic="distill")
+    caveat = "on pink noise the fidelity check predicts accuracy on real inputs only loosely"
+    assert caveat in pink.format_summary() and caveat not in distilled.format_summary()
