@@ -36,7 +36,7 @@ from .runtime import resolve_providers
 from .save import (assemble_model, check_output_path, check_report_path, external_data_path, staged_model,
                    write_text_atomic)
 from .storage import upgrade_for_storage
-from .synthetic import fidelity_inputs, make_synthetic_inputs, model_domain
+from .synthetic import fidelity_inputs, make_synthetic_inputs, model_domain, validation_inputs
 
 HALF_NOTE = "float16 model: quantized in float32, written back in float16"
 COLLECT_ABOVE_BYTES = 256 << 20
@@ -53,8 +53,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     say how: ``scheme="2/6"`` (LOW/HIGH bits, "2" is ternary), ``target_bits=3.5``, ``format``,
     ``refine``, and the rest; each is documented on its field. ``auto`` values are resolved for this
     model (``options.resolve``) and the report says what they became. ``synthetic_inputs`` (samples x
-    input shape) replaces the generated inputs, e.g. to distill once and reuse; ``console`` receives
-    progress (``progress.Console``).
+    input shape) replaces the generated inputs (to distill once and reuse); ``console`` gets progress.
     Raises InputError for unusable input, CheckError if onnxruntime rejects the result.
     """
     options = _options(options, values)
@@ -89,7 +88,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch.lap("solve")
     # statistics matching quantizes the activations on the float model's ranges; else the output's are taken
     ranges = calibrate_activations(graph, qlayers, inputs, plan, working) if plan.refine in MATCHING else {}
-    qlayers = refine(graph, qlayers, folding.preactivation, inputs, plan, working, console, ranges)
+    qlayers, refine_note = refine(graph, qlayers, folding.preactivation, inputs, plan, working, console, ranges,
+                                  validation_inputs(inputs, domain, plan))
     stopwatch.lap("refine")
 
     emit(graph, qlayers, search.pairs, options.format, options.placement, plan.storage)
@@ -101,7 +101,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch.lap("emit")
     check = check_model(reference, result, options.min_agreement) if options.check else None
     stopwatch.lap("check")
-    notes = [note for note in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note) if note]
+    notes = [n for n in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note, refine_note) if n]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table, replaced_clips,
                                notes, check, stopwatch.timings, domain, protection, ranges, shape_note is not None)
 

