@@ -99,7 +99,8 @@ class Options:
                                  "output mean and variance to the float model's on synthetic inputs; refit first "
                                  "re-solves each pair consumer by least squares on them; bias subtracts the expected "
                                  "output error from BatchNorm statistics; none is the paper alone. auto: refit on "
-                                 "distilled inputs, stats on noise, none with --placement consumer",
+                                 "distilled inputs, stats on noise (dropped if it does not also hold on white and "
+                                 "low-contrast noise), none with --placement consumer",
                          choices=("auto", "none", "bias", "stats", "refit"))
     synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise, white noise, or pink noise optimised so "
                                     "that the model's BatchNorm layers see their running statistics, or, in a "
