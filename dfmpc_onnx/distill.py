@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .fidelity import classifier_like, scores_shape
+from .fidelity import one_class_axis
 from .gradient_rules import RULES
 from .gradients import Builder, gradient_model, prepare_forward, static_shape
 from .inputs import model_inputs
@@ -124,7 +124,7 @@ def logits_shape(forward: onnx.ModelProto) -> tuple[int, ...]:
     for any other model."""
     outputs = forward.graph.output
     dims = tuple(d.dim_value for d in outputs[0].type.tensor_type.shape.dim) if len(outputs) == 1 else ()
-    if len(scores_shape(dims)) != 2 or not classifier_like(dims):
+    if not one_class_axis(dims):
         raise InputError("distillation without BatchNorm statistics needs a classifier: one output of shape "
                          "(batch, classes) or (batch, classes, 1, 1)")
     return dims

@@ -76,6 +76,12 @@ def classifier_like(shape: tuple) -> bool:
     return len(shape) in (2, 3) and isinstance(shape[-1], int) and shape[-1] >= 2
 
 
+def one_class_axis(shape: tuple) -> bool:
+    """Classifier-like with one score per class and input: (batch, classes) once ``scores_shape`` drops the
+    trailing axes of size 1 (not a sequence recogniser's (batch, positions, classes))."""
+    return len(scores_shape(shape)) == 2 and classifier_like(shape)
+
+
 def class_scores(values: np.ndarray) -> np.ndarray | None:
     """``values`` reshaped to ``scores_shape`` when they are classifier-like, else None."""
     return values.reshape(scores_shape(values.shape)) if classifier_like(values.shape) else None

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .fidelity import classifier_like, scores_shape
+from .fidelity import one_class_axis
 from .options import ModelFacts
 from .runtime import model_session
 
@@ -76,7 +76,7 @@ def model_facts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> M
     """What the resolution of ``auto`` options needs to know of ``model``."""
     shape = synthesis_shape(model, shapes)
     outputs = [declared_shape(o) for o in model.graph.output]
-    classifier = len(outputs) == 1 and len(scores_shape(outputs[0])) == 2 and classifier_like(outputs[0])
+    classifier = len(outputs) == 1 and one_class_axis(outputs[0])
     return ModelFacts(has_batchnorm=any(node.op_type == "BatchNormalization" for node in model.graph.node),
                       obstacle=shape if isinstance(shape, str) else None, classifier=classifier,
                       macs=multiply_accumulates(model))

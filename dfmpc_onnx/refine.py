@@ -53,7 +53,7 @@ def refine(graph: gs.Graph, qlayers: QLayers, preactivation: dict[str, tuple[np.
     if plan.refine == "bias":
         return correct_biases(qlayers, preactivation), None
     matched = match_statistics(graph, qlayers, inputs, plan, like, console, activation_ranges or {})
-    if plan.options.refine != "auto" or plan.synthetic != "pink" or validation is None:
+    if plan.options.refine != "auto" or validation is None:  # validation: only for pink noise
         return matched, None
     return keep_if_it_generalises(graph, qlayers, matched, validation, like)
 

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .fidelity import scores_shape
+from .fidelity import class_scores, one_class_axis
 from .graph import Layer, batch_chunk, weight_feed, with_outputs, with_weight_inputs
 from .maths.statistics import channel_statistics
 from .runtime import graph_session, own_graph, run_in_chunks
@@ -67,8 +67,7 @@ class OutputProbe:
 
     def classifier(self) -> bool:
         """Whether the model has one output of class scores (batch x classes, at least two)."""
-        shape = scores_shape(self.reference[0][0].shape)
-        return len(self.reference[0]) == 1 and len(shape) == 2 and shape[1] > 1
+        return len(self.reference[0]) == 1 and one_class_axis(self.reference[0][0].shape)
 
     def damage(self, changes: Weights) -> float:
         """How far the model with ``changes`` moves from the float one: for a classifier the mean KL divergence
@@ -78,8 +77,7 @@ class OutputProbe:
             return self.noise(changes)[1]
         divergence = 0.0
         for reference, outputs in zip(self.reference, self.outputs(changes)):
-            shape = scores_shape(reference[0].shape)
-            divergence += float(np.sum(kl_divergence(reference[0].reshape(shape), outputs[0].reshape(shape))))
+            divergence += float(np.sum(kl_divergence(class_scores(reference[0]), class_scores(outputs[0]))))
         return divergence / len(self.inputs)
 
 
@@ -90,8 +88,7 @@ class OutputProbe:
             return -self.noise(changes)[1]
         agreeing = 0
         for reference, outputs in zip(self.reference, self.outputs(changes)):
-            shape = scores_shape(reference[0].shape)
-            agreeing += int(np.sum(reference[0].reshape(shape).argmax(axis=1) == outputs[0].reshape(shape).argmax(axis=1)))
+            agreeing += int(np.sum(class_scores(reference[0]).argmax(axis=1) == class_scores(outputs[0]).argmax(axis=1)))
         return agreeing / len(self.inputs)
 
 

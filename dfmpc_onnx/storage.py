@@ -100,7 +100,7 @@ def shared_constant_bits(ranks: set[int], storage: str = "exact", grids: tuple[s
 
 
 SCALE_BITS = {"exact": 16, "portable": 32, "int8": 32}
-"""Bits per stored scale of each storage (``scale_type``, when the scales fit float16)."""
+"""Bits per stored scale of each storage (``stored_scale``)."""
 
 
 def stored_scale(scale: np.ndarray, storage: str) -> tuple[np.ndarray, int]:
