@@ -23,8 +23,8 @@ from .graph import Layer, NameSource, from_rows, replace_list
 from .pairs import Pair
 from .maths.quantizers import QuantizedWeight
 from .plan import QuantizedLayer
-from .storage import (packed_tensor, split_codes, storage_parts, stored_rows, stores_offset, stored_scale,
-                      with_stored_scale)
+from .storage import (packed_tensor, split_codes, storage_parts, stored_rows, stores_offset,
+                      with_stored_scale, LOG_SCALE_ZERO, log_scales)
 
 
 def emit(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], pairs: tuple[Pair, ...], format: str,
@@ -135,18 +135,36 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
 def _scale_input(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], layer: str,
                  q: QuantizedWeight, step: int, storage: str) -> gs.Tensor:
     """The scales ``step`` x s of q (already as the file keeps them, ``with_stored_scale``) as the file stores
-    them (``storage.stored_scale``): a float32 constant, or float16 values, a Cast to float32 and, where the
-    values are shifted into float16's range, a Mul by 2^k."""
-    values, k = stored_scale(q.scale, storage)
-    if values.dtype == np.float32:
+    them: a float32 constant (one scale, or ``portable`` and ``int8``), or under ``exact`` the uint8 codes of
+    ``storage.LogScales`` and the nodes that compute S 2^(t (e - 128)) from them, times a 0/1 mask of e != 0
+    where zero scales are coded."""
+    stored = log_scales(q) if storage == "exact" else None
+    if stored is None:
         return _scale_constant(names, layer, (q.scale * step).astype(np.float32))
-    if k == 0:
-        values = (values.astype(np.float32) * step).astype(np.float16)  # a normal float16 number: exact
-    stored = _scale_constant(names, layer, values)
-    out = gs.Variable(names.fresh(f"{layer}.weight_scale_float"), dtype=np.float32, shape=list(stored.shape))
-    graph.nodes.append(gs.Node("Cast", name=names.fresh(f"{layer}.weight_scale_cast"), inputs=[stored], outputs=[out],
-                               attrs={"to": onnx.TensorProto.FLOAT}))
-    return out if k == 0 else _scaled(graph, names, constants, layer, out, 2.0**k * step)
+    codes = gs.Constant(names.fresh(f"{layer}.weight_scale_code"), stored.codes)
+    zero_point = _shared(names, constants, "weight_scale_code_zero", np.array(LOG_SCALE_ZERO, np.uint8))
+    octaves = _node(graph, names, layer, "DequantizeLinear", "weight_scale_octaves",
+                    [codes, gs.Constant(names.fresh(f"{layer}.weight_scale_step"), np.array(stored.step, np.float32)),
+                     zero_point])
+    ratio = _node(graph, names, layer, "Pow", "weight_scale_ratio",
+                  [_shared(names, constants, "weight_scale_two", np.array(2.0, np.float32)), octaves])
+    base = gs.Constant(names.fresh(f"{layer}.weight_scale_base"), np.array(stored.base * np.float32(step), np.float32))
+    scale = _node(graph, names, layer, "Mul", "weight_scale", [ratio, base])
+    if not stored.zeros:
+        return scale
+    nonzero = _node(graph, names, layer, "Cast", "weight_scale_nonzero", [codes], {"to": onnx.TensorProto.BOOL},
+                    np.bool_)
+    mask = _node(graph, names, layer, "Cast", "weight_scale_mask", [nonzero], {"to": onnx.TensorProto.FLOAT})
+    return _node(graph, names, layer, "Mul", "weight_scale_masked", [scale, mask])
+
+
+def _node(graph: gs.Graph, names: NameSource, layer: str, op: str, what: str, inputs: list[gs.Tensor],
+          attrs: dict | None = None, dtype: type = np.float32) -> gs.Variable:
+    """A node ``op`` of ``inputs`` appended to ``graph``; its one output, named for ``layer`` and ``what``."""
+    out = gs.Variable(names.fresh(f"{layer}.{what}"), dtype=dtype)
+    graph.nodes.append(gs.Node(op, name=names.fresh(f"{layer}.{what}_{op.lower()}"), inputs=inputs, outputs=[out],
+                               attrs=attrs or {}))
+    return out
 
 
 def _scale_constant(names: NameSource, layer: str, values: np.ndarray) -> gs.Constant:

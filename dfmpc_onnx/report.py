@@ -267,7 +267,7 @@ def stored_bits_per_weight(model: onnx.ModelProto) -> float | None:
     """Bits the file spends per weight of its Conv, Gemm and MatMul layers, measured from the file.
 
     A layer's weight costs every initializer that its weight input is
-    computed from through DequantizeLinear, Add, Mul, Reshape and Cast nodes
+    computed from through DequantizeLinear, Add, Mul, Reshape, Cast and Pow nodes
     (integers, scales, zero points, factors, shapes), or its float initializer, each initializer counted
     once however many layers share it; the weight count is the element count of the stored integers (or
     floats). Biases are not counted.
@@ -275,7 +275,7 @@ def stored_bits_per_weight(model: onnx.ModelProto) -> float | None:
     """
     initializers = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node
-                 if node.op_type in ("DequantizeLinear", "Add", "Mul", "Reshape", "Cast") for out in node.output}
+                 if node.op_type in ("DequantizeLinear", "Add", "Mul", "Reshape", "Cast", "Pow") for out in node.output}
     spent, weights = set(), 0
     for node in model.graph.node:
         if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
@@ -288,7 +288,7 @@ def stored_bits_per_weight(model: onnx.ModelProto) -> float | None:
             elif name in producers:
                 producer = producers[name]
                 if producer.op_type == "DequantizeLinear" and producer.input[0] in initializers:
-                    count = int(np.prod(initializers[producer.input[0]].dims))
+                    count = max(count, int(np.prod(initializers[producer.input[0]].dims)))  # not the scales' codes
                 pending.extend(i for i in producer.input if i)
             else:
                 break  # computed from activations: not a weight

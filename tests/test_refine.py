@@ -160,10 +160,10 @@ def test_a_matching_that_does_not_carry_over_to_other_noise_is_dropped(monkeypat
 
     import dfmpc_onnx.refine as stage
 
-    def harmful(graph, qlayers, *args, **kwargs):  # every channel's scale times a random factor, sign included
+    def harmful(graph, qlayers, *args, **kwargs):  # every channel's scale times a random factor
         rng = np.random.default_rng(0)
         return {name: dataclasses.replace(ql, weight=ql.weight.with_scale(
-                    ql.weight.scale * rng.uniform(-3.0, 3.0, ql.weight.scale.shape))) for name, ql in qlayers.items()}
+                    ql.weight.scale * rng.uniform(0.0, 3.0, ql.weight.scale.shape))) for name, ql in qlayers.items()}
 
     monkeypatch.setattr(stage, "match_statistics", harmful)
     model = chain_model()

@@ -9,7 +9,7 @@ from conftest import chain_model, residual_model, run_model
 from dfmpc_onnx import quantize
 from dfmpc_onnx.maths.quantizers import quantize_rows
 from dfmpc_onnx.storage import split_codes, storage_parts, stored_rows
-from test_emit import dequantized_weights
+from test_emit import dequantized_weights, scale_step
 
 SCHEMES = ["2/6", "3/6", "4/8", "6", "8", "2/4"]
 PORTABLE_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.INT8}
@@ -39,10 +39,11 @@ def test_portable_output_uses_int4_and_int8_at_opset_21_at_most(scheme, storage,
     assert integer_types <= types
     assert max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx")) <= max(opset, 17)
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    expected = run_model(exact, x)  # the same network, but for the scales, float16 in exact storage (2^-11)
-    np.testing.assert_allclose(run_model(portable, x), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    expected = run_model(exact, x)  # the same network, but for the scales, in a byte each in exact storage
+    np.testing.assert_allclose(run_model(portable, x), expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
     for name, weight in dequantized_weights(exact).items():
-        np.testing.assert_allclose(dequantized_weights(portable)[name], weight, rtol=2.0**-11, atol=1e-7)
+        np.testing.assert_allclose(dequantized_weights(portable)[name], weight,
+                                   rtol=scale_step(exact, name) * 1.001 + 1e-6, atol=1e-7)
 
 
 def test_portable_weights_up_to_7_bits_are_one_dequantizelinear_feeding_the_layer():
@@ -85,3 +86,28 @@ def test_openvino_refuses_int2_storage_as_the_note_says(resnet20):
     model, _ = quantize(str(resnet20), "2/6", refine="none", protect="off", check=False)
     with pytest.raises(Exception):
         openvino_outputs(model, np.zeros((1, 3, 32, 32), np.float32))
+
+
+@pytest.mark.parametrize("storage", ["exact", "portable"])
+@pytest.mark.parametrize("scheme", ["2/6", "4/8", "3/5"])
+def test_the_budget_counts_every_bit_the_file_spends(scheme, storage):
+    """What ``--target-bits`` budgets (``stored_weight_bits`` per layer, ``shared_constant_bits`` once) is
+    what the file spends, measured from it: per-channel scales everywhere, so the layers' bits are exact
+    and only the shared constants may cost less than reserved."""
+    from dfmpc_onnx.graph import find_layers, import_graph
+    from dfmpc_onnx.report import stored_bits_per_weight
+    from dfmpc_onnx.storage import shared_constant_bits, stored_weight_bits
+
+    model = residual_model()
+    qdq, report = quantize(model, scheme, storage=storage, granularity="channel", check=False, synthetic="pink",
+                           samples=8)
+    layers, _ = find_layers(import_graph(model))
+    bits = {layer.name: layer.bits for layer in report.layers}
+    assert bits.keys() == layers.keys()
+    weights = sum(layer.weight.size for layer in layers.values())
+    spent = stored_bits_per_weight(qdq) * weights
+    grid = "dorefa"
+    budgeted = sum(stored_weight_bits(bits[name], layer.weight.shape, layer.out_axis, True, storage, grid)
+                   for name, layer in layers.items())
+    shared = shared_constant_bits({layer.weight.ndim for layer in layers.values()}, storage, (grid,))
+    assert budgeted <= spent + 1e-6 <= budgeted + shared + 1e-6
