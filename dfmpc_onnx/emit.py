@@ -202,11 +202,15 @@ def _reshaped(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Cons
 
 
 def _set_bias(graph: gs.Graph, names: NameSource, layer: Layer, bias: np.ndarray | None) -> None:
-    """The layer's bias input set to ``bias``; a MatMul, which has none, gets an Add after it."""
+    """The layer's bias input set to ``bias``: a MatMul's bias Add takes it as its constant, and a MatMul
+    without one gets an Add after it."""
     if bias is None or bias is layer.bias:
         return
     constant = gs.Constant(names.fresh(f"{layer.name}.bias_q"), np.asarray(bias, dtype=np.float32))
-    if layer.op == "MatMul":
+    if layer.bias_node is not None:
+        add = layer.bias_node
+        add.inputs[1 if add.inputs[0] is layer.node.outputs[0] else 0] = constant
+    elif layer.op == "MatMul":
         output = layer.node.outputs[0]
         product = gs.Variable(names.fresh(f"{output.name}.product"), dtype=output.dtype, shape=output.shape)
         replace_list(layer.node.outputs, [product])

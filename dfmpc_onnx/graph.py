@@ -32,6 +32,13 @@ class Layer:
     weight: np.ndarray
     bias: np.ndarray | None
     out_axis: int
+    bias_node: gs.Node | None = None
+    """The Add that holds a MatMul's bias (a constant per output channel), which the layer owns."""
+
+    @property
+    def output(self) -> gs.Tensor:
+        """The layer's output: after the bias Add of a MatMul that has one."""
+        return (self.bias_node or self.node).outputs[0]
 
     @property
     def name(self) -> str:
@@ -138,7 +145,8 @@ def _as_layer(node: gs.Node) -> Layer | str:
     else:
         if weight.ndim != 2:
             return "MatMul weight is not a 2-D matrix"
-        out_axis = 1
+        bias_node, bias = matmul_bias(node, weight.shape[1])
+        return Layer(node=node, weight=weight, bias=bias, out_axis=1, bias_node=bias_node)
     out_channels = weight.shape[out_axis]
     bias = None
     if len(node.inputs) > 2 and node.inputs[2].name:
@@ -149,6 +157,29 @@ def _as_layer(node: gs.Node) -> Layer | str:
             return f"Gemm bias of shape {list(bias.shape)} is not per output channel"
         bias = np.broadcast_to(bias.reshape(-1), (out_channels,)).astype(np.float32)
     return Layer(node=node, weight=weight, bias=bias, out_axis=out_axis)
+
+
+VALUE_FREE_OPS = ("Shape", "Size")
+"""Ops that read only their input's shape: a rescaled channel does not reach them."""
+
+
+def value_users(tensor: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read ``tensor``'s values (not only its shape)."""
+    return [node for node in tensor.outputs if node.op not in VALUE_FREE_OPS]
+
+
+def matmul_bias(node: gs.Node, out_channels: int) -> tuple[gs.Node | None, np.ndarray | None]:
+    """The Add that exporters put after a MatMul for its bias, and the bias: the MatMul's only value user,
+    adding a float32 constant with one value per output channel along the last axis; else (None, None)."""
+    users = value_users(node.outputs[0])
+    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
+        return None, None
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    value = constant_value(other)
+    if value is None or value.dtype != np.float32 or value.size != out_channels or value.shape[-1:] != (out_channels,):
+        return None, None
+    return add, value.reshape(-1).astype(np.float32)
 
 
 def to_rows(weight: np.ndarray, out_axis: int) -> np.ndarray:
@@ -194,7 +225,7 @@ def replace_list(tensors: list, new: list) -> None:
 def with_weight_inputs(graph: gs.Graph, layers: dict[str, Layer],
                        output_names: list[str]) -> tuple[gs.Graph, dict[str, tuple[str, str | None]]]:
     """A copy of ``graph`` whose ``layers`` read weight and bias from graph inputs NAME::weight and
-    NAME::bias (Conv and Gemm), and whose outputs are ``output_names``: one graph that computes any
+    NAME::bias (Conv, Gemm, and a MatMul's bias Add), and whose outputs are ``output_names``: one graph that computes any
     assignment of weights (``weight_feed``)."""
     copy = with_outputs(graph, output_names)
     nodes = {node.name: node for node in copy.nodes}
@@ -205,9 +236,12 @@ def with_weight_inputs(graph: gs.Graph, layers: dict[str, Layer],
         node.inputs[1] = weight
         copy.inputs.append(weight)
         bias_name = None
-        if node.op in ("Conv", "Gemm"):
+        if node.op in ("Conv", "Gemm") or layer.bias_node is not None:
             bias = gs.Variable(f"{name}::bias", dtype=np.float32, shape=[layer.out_channels])
-            if len(node.inputs) > 2:
+            if layer.bias_node is not None:  # the MatMul's bias Add: its constant operand
+                add = nodes[layer.bias_node.name]
+                add.inputs[1 if add.inputs[0].name == node.outputs[0].name else 0] = bias
+            elif len(node.inputs) > 2:
                 node.inputs[2] = bias
             else:
                 node.inputs.append(bias)

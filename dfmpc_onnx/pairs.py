@@ -10,6 +10,8 @@ commute with a positive per-channel scale:
 
 Every tensor on the way must have a single consumer, otherwise the scaled
 channel would leak into a branch that does not compensate it (a residual Add).
+A MatMul's features (on the last axis, through a transformer's heads and
+attention) are followed by ``features.feature_step``.
 
 Assignment: producers are visited in topological order and each takes its
 consumer when neither is in a pair yet. This gives the paper's Fig. 2: basic
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import Layer, constant_value
+from .features import consumer_problem, feature_step, smooth_nonlinearity
+from .graph import Layer, constant_value, value_users
 
 # Ops with f(c x) = c f(x) for c >= 0, applied channel by channel.
 HOMOGENEOUS_OPS = ("Relu", "LeakyRelu", "PRelu", "Identity", "Dropout",
@@ -129,23 +132,34 @@ def trace_consumer(producer: Layer, layers: dict[str, Layer], graph_outputs: set
     name = producer.name
     if producer.op == "Gemm" and (producer.node.attrs.get("alpha", 1.0) != 1.0 or producer.node.attrs.get("beta", 1.0) != 1.0):
         return Refusal(name, None, "Gemm with alpha or beta != 1 is not paired as a producer")
-    tensor = producer.node.outputs[0]
-    offset, block = 0, 1
+    tensor = producer.output
+    offset, block, axes = 0, 1, (-1,)
     path: list[str] = []
     while True:
         if tensor.name in graph_outputs:
             return Refusal(name, None, f"'{tensor.name}' is a graph output")
-        users = list(tensor.outputs)
+        users = value_users(tensor)
+        smooth = smooth_nonlinearity(tensor, layers)
+        if smooth is not None:
+            return Refusal(name, None, f"{smooth.op} {smooth.name} (GELU, SiLU or similar) is not positively "
+                                       f"homogeneous (after {name})")
         if len(users) != 1:
             uses = ", ".join(f"{n.op} {n.name}" for n in users) or "nothing"
             return Refusal(name, None, f"'{tensor.name}' feeds {len(users)} nodes ({uses}); a rescaled channel would leak")
         node = users[0]
+        if node.name in layers and producer.op == "MatMul":
+            problem = consumer_problem(producer, layers[node.name], tensor, axes)
+            return Refusal(name, node.name, problem) if problem else Pair(name, node.name, 0, 1, tuple(path))
         if node.name in layers:
             return _as_consumer(producer, layers[node.name], tensor, offset, block, tuple(path))
-        step = channel_step(node, tensor, offset, block, relu6)
+        features = producer.op == "MatMul" and node.op != "Clip"  # Clip (ReLU6) is channel_step's either way
+        step = feature_step(node, tensor, axes) if features else channel_step(node, tensor, offset, block, relu6)
         if isinstance(step, str):
             return Refusal(name, None, f"{step} (after {name})")
-        tensor, offset, block = step
+        if features:
+            tensor, axes = step
+        else:
+            tensor, offset, block = step
         path.append(node.op)
 
 

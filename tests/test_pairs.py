@@ -1,6 +1,7 @@
 import numpy as np
 
-from conftest import GraphBuilder, chain_model, residual_model
+from conftest import GraphBuilder, chain_model, residual_model, run_model
+from dfmpc_onnx import quantize
 from dfmpc_onnx.fold import fold_batchnorm
 from dfmpc_onnx.graph import find_layers, import_graph
 from dfmpc_onnx.load import load_whole_model
@@ -89,3 +90,63 @@ def test_flatten_of_spatial_map_gives_block_per_channel():
     result = search(g.model(out))
     assert pair_names(result) == [("a", "fc")]
     assert result.pairs[0].block == 16
+
+
+def attention_model(heads: int = 2, tokens: int = 4, width: int = 8, seed: int = 0):
+    """One self-attention block as exporters write it: Q, K, V MatMuls with bias Adds, heads split by
+    Reshape and Transpose, softmax(Q K^T / sqrt(d)) V, heads merged, the output projection, then an MLP
+    whose GELU is Erf."""
+    g = GraphBuilder(input_shape=(1, tokens, width), seed=seed)
+    head = width // heads
+
+    def linear(x, fin, fout, name):
+        w = g.const(f"{name}.w", g.rng.normal(0, 0.4, (fin, fout)))
+        return g.node("Add", [g.node("MatMul", [x, w], name=name), g.const(f"{name}.b", g.rng.normal(0, 0.1, fout))])
+
+    def split(x, perm):
+        shape = g.const_int(f"split{g.count}", [1, tokens, heads, head])
+        return g.node("Transpose", [g.node("Reshape", [x, shape])], perm=perm)
+
+    q = split(linear("x", width, width, "query"), [0, 2, 1, 3])
+    k = split(linear("x", width, width, "key"), [0, 2, 3, 1])
+    v = split(linear("x", width, width, "value"), [0, 2, 1, 3])
+    scores = g.node("MatMul", [g.node("Mul", [q, g.const("scale", np.array(head ** -0.5))]), k])
+    mixed = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v])
+    merged = g.node("Reshape", [g.node("Transpose", [mixed], perm=[0, 2, 1, 3]),
+                                g.const_int("merge", [1, tokens, width])])
+    y = g.node("Add", ["x", linear(merged, width, width, "output")])
+    h = linear(y, width, 2 * width, "fc1")
+    gelu = g.node("Mul", [g.node("Mul", [h, g.const("half", np.array(0.5))]),
+                          g.node("Add", [g.node("Erf", [g.node("Div", [h, g.const("root2", np.array(2 ** 0.5))])]),
+                                         g.const("one", np.array(1.0))])])
+    return g.model(g.node("Add", [y, linear(gelu, 2 * width, width, "fc2")]))
+
+
+def test_value_and_output_projections_pair_through_the_attention():
+    """V's channel j, split into heads, mixed across tokens by the attention and merged again, is the output
+    projection's input feature j: a pair. Q and K are summed over by the scores, and fc1's GELU is not
+    positively homogeneous: refused, saying so."""
+    graph = import_graph(load_whole_model(attention_model()))
+    layers, _ = find_layers(graph)
+    assert all(layer.bias is not None for layer in layers.values())  # the bias Adds belong to their MatMuls
+    search = find_pairs(graph, layers, {})
+    assert [(p.producer, p.consumer) for p in search.pairs] == [("value", "output")]
+    assert search.pairs[0].path == ("Reshape", "Transpose", "MatMul", "Transpose", "Reshape")
+    reasons = {r.producer: r.reason for r in search.refusals}
+    assert "sums over the channels" in reasons["key"] and "attention scores" in reasons["query"]
+    assert "Erf" in reasons["fc1"] and "not positively homogeneous" in reasons["fc1"]
+
+
+def test_an_attention_pair_computes_the_same_with_c_on_either_side():
+    """c on V's rows (producer placement) and on the output projection's input rows (consumer placement,
+    Eq. 7) are the same network: the channel mapping through heads and attention is right."""
+    model = attention_model(seed=3)
+    options = dict(format="float", check=False, keep_first=False, keep_last=False, refine="none", protect="off")
+    producer, report = quantize(model, "2/6", placement="producer", **options)
+    consumer, _ = quantize(model, "2/6", placement="consumer", **options)
+    assert [layer.name for layer in report.layers if layer.role == "low"] == ["value"]
+    x = np.random.default_rng(4).normal(size=(1, 4, 8)).astype(np.float32)
+    a, b = run_model(producer, x), run_model(consumer, x)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    qdq, _ = quantize(model, "2/6", keep_first=False, keep_last=False, refine="none", protect="off", check=False)
+    np.testing.assert_allclose(run_model(qdq, x), a, rtol=2e-2, atol=2e-2 * np.abs(a).max())

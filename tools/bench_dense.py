@@ -49,6 +49,7 @@ MODELS = {
                          (("8/8, --refine none", dict(scheme="8/8", refine="none")),
                           ("4, --refine none", dict(scheme="4", refine="none")),
                           ("4 (default refinement)", dict(scheme="4")),
+                          ("2/6, --protect off", dict(protect="off")),
                           ("default 2/6", {}),
                           ("default 2/6, --storage portable", dict(storage="portable")))),
 }
@@ -104,14 +105,15 @@ def run(names: list[str], cache: Path, workdir: Path) -> list[dict]:
             out = workdir / "out.onnx"
             start = time.perf_counter()
             try:
-                dfmpc_onnx.quantize_file(source, out, **options)
+                report = dfmpc_onnx.quantize_file(source, out, **options)
             except Exception as err:
                 results.append(dict(model=name, method=label, failed=str(err).splitlines()[0]))
                 print(results[-1], flush=True)
                 continue
             seconds = time.perf_counter() - start
+            raised = sum(unit.raised for unit in report.protection)
             row = dict(model=name, method=label, bits=stored_bits_per_weight(onnx.load(str(out))),
-                       seconds=round(seconds, 1))
+                       pairs=len(report.pairs), raised=raised, seconds=round(seconds, 1))
             for rt, ref in reference.items():
                 try:
                     found = maps(out, x, rt)
@@ -124,18 +126,18 @@ def run(names: list[str], cache: Path, workdir: Path) -> list[dict]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | method | stored bits / weight | SQNR onnxruntime (dB) | IoU onnxruntime | SQNR OpenVINO (dB) "
-             "| IoU OpenVINO | tool time (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | pairs (raised to HIGH) | stored bits / weight | SQNR onnxruntime (dB) | IoU onnxruntime "
+             "| SQNR OpenVINO (dB) | IoU OpenVINO | tool time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "failed" in r:
-            lines.append(f"| {r['model']} | {r['method']} | tool failed: {r['failed']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['method']} | | tool failed: {r['failed']} | | | | | |")
             continue
         cells = []
         for rt in ("onnxruntime", "openvino"):
             score = r[rt]
             cells += (["refused to load", score["failed"]] if "failed" in score
                       else [f"{score['sqnr_db']:.1f}", f"{score['iou']:.3f}"])
-        lines.append(f"| {r['model']} | {r['method']} | {r['bits']:.2f} | " + " | ".join(cells)
+        lines.append(f"| {r['model']} | {r['method']} | {r['pairs']} ({r['raised']}) | {r['bits']:.2f} | " + " | ".join(cells)
                      + f" | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
