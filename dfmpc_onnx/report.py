@@ -215,7 +215,7 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
         ternary_threshold=plan.ternary_threshold,
         kbit_range=options.kbit_range, lambda1=options.lambda1, lambda2=options.lambda2,
         compensate=options.compensate, placement=options.placement, relu6=options.relu6, refine=plan.refine,
-        feedback=plan.feedback == "on",
+        feedback=plan.feedback,
         activation_bits=None if options.activations == "none" else int(options.activations),
         activation_range=options.activation_range,
         synthetic=plan.synthetic, samples=options.samples if plan.synthetic else None, seed=options.seed,

@@ -114,19 +114,3 @@ def output_probe(graph: gs.Graph, layers: dict[str, Layer], inputs: np.ndarray, 
                         batch_chunk(graph), layers, [])
     probe.reference = probe.outputs({})
     return probe
-
-
-def stays_as_close(graph: gs.Graph, layers: dict[str, Layer], before: Weights, after: Weights,
-                   validation: np.ndarray, like: onnx.ModelProto) -> tuple[bool, str]:
-    """Whether the quantized weights ``after`` keep the output at least as close to the float model's on the
-    ``validation`` inputs (``synthetic.validation_inputs``) as ``before`` do, by both the fidelity check's
-    measure (``OutputProbe.closeness``) and the allocation's (``OutputProbe.damage``); and the measures'
-    names. A change fitted to the pink noise it was made on, not to the model, does not carry over to noise
-    of other kinds. Top-1 agreement on noise moves in steps of one input, so it alone cannot tell two
-    close candidates apart (error feedback on the Caffe2 SqueezeNet at 4/8: the same agreement, twice the
-    KL divergence, 4 points of top-1 lost)."""
-    probe = output_probe(graph, layers, validation, like)
-    classifier = probe.classifier()
-    measures = "top-1 agreement and KL divergence" if classifier else "output noise"
-    kept = probe.closeness(after) >= probe.closeness(before) and probe.damage(after) <= probe.damage(before)
-    return kept, measures
