@@ -49,6 +49,7 @@ MODELS = {
                          (("8/8, --refine none", dict(scheme="8/8", refine="none")),
                           ("4, --refine none", dict(scheme="4", refine="none")),
                           ("4 (default refinement)", dict(scheme="4")),
+                          ("4, --error-feedback on", dict(scheme="4", error_feedback="on")),
                           ("2/6, --protect off", dict(protect="off")),
                           ("default 2/6", {}),
                           ("default 2/6, --storage portable", dict(storage="portable")))),
