@@ -132,6 +132,8 @@ def trace_consumer(producer: Layer, layers: dict[str, Layer], graph_outputs: set
     name = producer.name
     if producer.op == "Gemm" and (producer.node.attrs.get("alpha", 1.0) != 1.0 or producer.node.attrs.get("beta", 1.0) != 1.0):
         return Refusal(name, None, "Gemm with alpha or beta != 1 is not paired as a producer")
+    if producer.node.outputs[0].name in graph_outputs:  # before a MatMul's bias Add
+        return Refusal(name, None, f"'{producer.node.outputs[0].name}' is a graph output")
     tensor = producer.output
     offset, block, axes = 0, 1, (-1,)
     path: list[str] = []

@@ -144,3 +144,26 @@ def test_resnet20_protect_raises_the_costliest_pairs_and_reports_them(resnet20, 
     for unit in protection:
         ternary = set(np.unique(codes[unit["producers"][0]])) <= {-1, 0, 1}
         assert ternary != unit["raised"], unit
+
+
+def test_min_agreement_refuses_the_paper_2_6_and_passes_the_default_4_8(resnet20, tmp_path):
+    """The paper-faithful 2/6 of ResNet-20 agrees with the float model's top-1 on few synthetic inputs: a
+    warning, and with --min-agreement 90 exit 3 and no output; the default 4/8 passes the same bar."""
+    import json
+
+    paper = ["--refine", "none", "--protect", "off", "--kbit-rounding", "nearest"]
+    out = tmp_path / "paper.onnx"
+    warned = subprocess.run([sys.executable, "-m", "dfmpc_onnx", str(resnet20), str(out), "--scheme", "2/6", *paper,
+                             "--report", str(tmp_path / "paper.json")], capture_output=True, text=True)
+    assert warned.returncode == 0 and "warning:" in warned.stdout + warned.stderr
+    fidelity = json.loads((tmp_path / "paper.json").read_text())["fidelity"]
+    assert fidelity["top1_agreement"] < 50
+    out.unlink()
+    refused = subprocess.run([sys.executable, "-m", "dfmpc_onnx", str(resnet20), str(out), "--scheme", "2/6", *paper,
+                              "--min-agreement", "90"], capture_output=True, text=True)
+    assert refused.returncode == 3 and "--min-agreement 90" in refused.stderr and not out.exists()
+    passed = subprocess.run([sys.executable, "-m", "dfmpc_onnx", str(resnet20), str(out), "--scheme", "4/8",
+                             "--samples", "16", "--min-agreement", "90", "--report", str(tmp_path / "default.json")],
+                            capture_output=True, text=True)
+    assert passed.returncode == 0, passed.stderr
+    assert out.exists() and json.loads((tmp_path / "default.json").read_text())["fidelity"]["top1_agreement"] >= 90
