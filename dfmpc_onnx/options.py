@@ -124,7 +124,8 @@ class Options:
                                   "statistics say is rarely reached by Relu (a model change, reported)",
                         choices=("refuse", "pair", "relu"))
     keep_first: bool = option(True, "keep the first layer out of pairs, at HIGH bits", cli="toggle")
-    keep_last: bool = option(True, "keep the last layer (classifier) out of pairs, at HIGH bits", cli="toggle")
+    keep_last: bool = option(True, "keep the last layer (classifier) out of pairs, at HIGH bits, and out of "
+                                   "statistics matching (its output is the model's)", cli="toggle")
     exclude: tuple[str, ...] = option((), "leave these Conv/Gemm/MatMul nodes in float", metavar="NODE_NAME",
                                       cli="many")
     check: bool = option(True, "skip the onnxruntime comparison of the float and quantized model",

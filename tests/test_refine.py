@@ -175,3 +175,22 @@ def test_a_matching_that_does_not_carry_over_to_other_noise_is_dropped(monkeypat
     x = np.random.default_rng(2).normal(size=(1, 3, 8, 8)).astype(np.float32)
     same = np.allclose(run_model(matched, x), run_model(plain, x), rtol=1e-5, atol=1e-6)
     assert same is dropped
+
+
+def test_the_last_layer_is_not_matched_under_keep_last():
+    """--keep-last keeps the output layer out of statistics matching (its output is the model's, which the
+    synthetic inputs would pin); --no-keep-last matches it like every other conv."""
+    from conftest import GraphBuilder
+    from test_emit import dequantized_weights
+
+    g = GraphBuilder()
+    x = g.node("Relu", [g.conv("x", 3, 8, name="first")])
+    x = g.node("Relu", [g.conv(x, 8, 8, name="middle")])
+    model = g.model(g.conv(x, 8, 2, name="last"))  # a dense output: a map per channel
+    options = dict(synthetic="pink", samples=8, check=False, keep_first=False, protect="off")
+    plain = dequantized_weights(quantize(model, "4", refine="none", **options)[0])
+    kept = dequantized_weights(quantize(model, "4", refine="stats", **options)[0])
+    matched = dequantized_weights(quantize(model, "4", refine="stats", keep_last=False, **options)[0])
+    np.testing.assert_array_equal(kept["last"], plain["last"])
+    assert not np.allclose(matched["last"], plain["last"])
+    assert not np.allclose(kept["middle"], plain["middle"])
