@@ -112,7 +112,7 @@ def run(names: list[str], cache: Path, workdir: Path) -> list[dict]:
                 print(results[-1], flush=True)
                 continue
             seconds = time.perf_counter() - start
-            raised = sum(unit.raised for unit in report.protection)
+            raised = int(sum(unit.raised for unit in report.protection))
             row = dict(model=name, method=label, bits=stored_bits_per_weight(onnx.load(str(out))),
                        pairs=len(report.pairs), raised=raised, seconds=round(seconds, 1))
             for rt, ref in reference.items():
