@@ -24,7 +24,7 @@ from .pairs import Pair
 from .maths.quantizers import QuantizedWeight
 from .plan import QuantizedLayer
 from .storage import (packed_tensor, split_codes, storage_parts, stored_rows, stores_offset,
-                      with_stored_scale, LOG_SCALE_ZERO, log_scales)
+                      with_stored_scale, LOG_SCALE_ZERO, LogScales)
 
 
 def emit(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], pairs: tuple[Pair, ...], format: str,
@@ -97,7 +97,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
     names = NameSource(graph)
     constants: dict[tuple, gs.Constant] = {}
     for name, ql in qlayers.items():
-        q, bias = with_stored_scale(ql.weight, storage), ql.bias
+        (q, stored), bias = with_stored_scale(ql.weight, storage), ql.bias
         layer = ql.layer
         parts = storage_parts(q.bits, storage, q.grid)
         base_step = parts[-1][1]
@@ -105,7 +105,7 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
         attrs = {} if per_tensor else {"axis": layer.out_axis}
         # the file stores one scale per channel, (step of the last part) x s; the other parts' scales and the
         # DoReFa offset s are exact power-of-two multiples of it, computed in the graph
-        base = _scale_input(graph, names, constants, name, q, base_step, storage)
+        base = _scale_input(graph, names, constants, name, q, stored, base_step)
         terms = []
         for index, ((dtype, step), part) in enumerate(zip(parts, split_codes(q, storage))):
             values = from_rows(part, layer.weight.shape, layer.out_axis)
@@ -133,12 +133,11 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
 
 
 def _scale_input(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], layer: str,
-                 q: QuantizedWeight, step: int, storage: str) -> gs.Tensor:
+                 q: QuantizedWeight, stored: LogScales | None, step: int) -> gs.Tensor:
     """The scales ``step`` x s of q (already as the file keeps them, ``with_stored_scale``) as the file stores
-    them: a float32 constant (one scale, or ``portable`` and ``int8``), or under ``exact`` the uint8 codes of
-    ``storage.LogScales`` and the nodes that compute S 2^(t (e - 128)) from them, times a 0/1 mask of e != 0
-    where zero scales are coded."""
-    stored = log_scales(q) if storage == "exact" else None
+    them: a float32 constant (``stored`` None: one scale, or ``portable`` and ``int8``), or the uint8 codes of
+    ``stored`` and the nodes that compute S 2^(t (e - 128)) from them, times a 0/1 mask of e != 0 where zero
+    scales are coded."""
     if stored is None:
         return _scale_constant(names, layer, (q.scale * step).astype(np.float32))
     codes = gs.Constant(names.fresh(f"{layer}.weight_scale_code"), stored.codes)

@@ -151,15 +151,17 @@ def log_scales(q: QuantizedWeight) -> LogScales | None:
     low = octaves[live].min()
     step = np.float32((octaves.max() - low) / 254)
     base = np.float32(2.0 ** (low + float(step) * (LOG_SCALE_ZERO - 1)))
-    codes = np.where(live, 1 + np.rint((octaves - low) / step if step > 0 else 0 * octaves), 0).astype(np.uint8)
+    index = np.rint((octaves - low) / step) if step > 0 else np.zeros_like(octaves)
+    codes = np.where(live, 1 + index, 0).astype(np.uint8)
     zeros = bool(np.any(~live & np.any(q.codes != 0, axis=1)))
     return LogScales(np.where(live | zeros, codes, 1).astype(np.uint8), step, base, zeros)
 
 
-def with_stored_scale(q: QuantizedWeight, storage: str) -> QuantizedWeight:
-    """``q`` with its scales as the file keeps them: ``LogScales`` under ``exact``, else float32."""
+def with_stored_scale(q: QuantizedWeight, storage: str) -> tuple[QuantizedWeight, LogScales | None]:
+    """``q`` with its scales as the file keeps them, and how it keeps them: ``LogScales`` under ``exact``
+    (None for a single scale, and under ``portable`` and ``int8``: float32)."""
     stored = log_scales(q) if storage == "exact" else None
-    return q.with_scale(q.scale.astype(np.float32) if stored is None else stored.values())
+    return q.with_scale(q.scale.astype(np.float32) if stored is None else stored.values()), stored
 
 
 OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}
