@@ -81,3 +81,15 @@ def test_auto_feeds_back_only_with_refit():
     _, distilled = quantize(chain_model(), "2/6", refine="refit", synthetic="pink", check=False)
     _, matched = quantize(chain_model(), "2/6", refine="stats", synthetic="pink", check=False)
     assert distilled.feedback and not matched.feedback
+
+
+def test_a_model_whose_only_quantized_layer_reads_the_graph_input():
+    """Its H comes from the inputs themselves: no onnxruntime run, and no graph with no outputs to build one."""
+    rest = ("conv0", "conv1", "conv2", "conv3", "fc")
+    on, report = quantize(chain_model(), "4", exclude=rest, error_feedback="on", refine="none", synthetic="pink",
+                          check=False)
+    off, _ = quantize(chain_model(), "4", exclude=rest, error_feedback="off", refine="none", synthetic="pink",
+                      check=False)
+    assert report.feedback and [layer.name for layer in report.layers if layer.bits] == ["stem"]
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    assert not np.array_equal(run_model(on, x), run_model(off, x))
