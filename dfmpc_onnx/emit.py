@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import Layer, NameSource, from_rows, replace_list
+from .graph import Layer, NameSource, bias_operand, from_rows, replace_list
 from .pairs import Pair
 from .maths.quantizers import QuantizedWeight
 from .plan import QuantizedLayer
@@ -182,22 +182,14 @@ def _shared(names: NameSource, constants: dict[tuple, gs.Constant], base: str, v
 def _scaled(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], layer: str, tensor: gs.Tensor,
             factor: float) -> gs.Variable:
     """A Mul node: ``tensor`` x ``factor`` (a power of two here, so exact in float32)."""
-    out = gs.Variable(names.fresh(f"{layer}.weight_scale_x{factor:g}"), dtype=np.float32)
-    graph.nodes.append(gs.Node("Mul", name=names.fresh(f"{layer}.weight_scale_mul"),
-                               inputs=[tensor, _shared(names, constants, f"weight_factor_{factor:g}",
-                                                       np.array(factor, np.float32))],
-                               outputs=[out]))
-    return out
+    factor_constant = _shared(names, constants, f"weight_factor_{factor:g}", np.array(factor, np.float32))
+    return _node(graph, names, layer, "Mul", f"weight_scale_x{factor:g}", [tensor, factor_constant])
 
 
 def _reshaped(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], layer: str, tensor: gs.Tensor,
               shape: list[int]) -> gs.Variable:
-    out = gs.Variable(names.fresh(f"{layer}.weight_scale_reshaped"), dtype=np.float32)
-    graph.nodes.append(gs.Node("Reshape", name=names.fresh(f"{layer}.weight_scale_reshape"),
-                               inputs=[tensor, _shared(names, constants, "weight_scale_shape",
-                                                       np.array(shape, np.int64))],
-                               outputs=[out]))
-    return out
+    shape_constant = _shared(names, constants, "weight_scale_shape", np.array(shape, np.int64))
+    return _node(graph, names, layer, "Reshape", "weight_scale_reshaped", [tensor, shape_constant])
 
 
 def _set_bias(graph: gs.Graph, names: NameSource, layer: Layer, bias: np.ndarray | None) -> None:
@@ -207,8 +199,7 @@ def _set_bias(graph: gs.Graph, names: NameSource, layer: Layer, bias: np.ndarray
         return
     constant = gs.Constant(names.fresh(f"{layer.name}.bias_q"), np.asarray(bias, dtype=np.float32))
     if layer.bias_node is not None:
-        add = layer.bias_node
-        add.inputs[1 if add.inputs[0] is layer.node.outputs[0] else 0] = constant
+        layer.bias_node.inputs[bias_operand(layer.bias_node, layer.node)] = constant
     elif layer.op == "MatMul":
         output = layer.node.outputs[0]
         product = gs.Variable(names.fresh(f"{output.name}.product"), dtype=output.dtype, shape=output.shape)

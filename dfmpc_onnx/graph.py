@@ -175,11 +175,16 @@ def matmul_bias(node: gs.Node, out_channels: int) -> tuple[gs.Node | None, np.nd
     if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
         return None, None
     add = users[0]
-    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-    value = constant_value(other)
+    value = constant_value(add.inputs[bias_operand(add, node)])
     if value is None or value.dtype != np.float32 or value.size != out_channels or value.shape[-1:] != (out_channels,):
         return None, None
     return add, value.reshape(-1).astype(np.float32)
+
+
+def bias_operand(add: gs.Node, node: gs.Node) -> int:
+    """Which input of ``node``'s bias Add (``matmul_bias``) holds the bias: the one that is not ``node``'s output.
+    By name, so that it also holds in a copy of the graph."""
+    return 1 if add.inputs[0].name == node.outputs[0].name else 0
 
 
 def to_rows(weight: np.ndarray, out_axis: int) -> np.ndarray:
@@ -240,7 +245,7 @@ def with_weight_inputs(graph: gs.Graph, layers: dict[str, Layer],
             bias = gs.Variable(f"{name}::bias", dtype=np.float32, shape=[layer.out_channels])
             if layer.bias_node is not None:  # the MatMul's bias Add: its constant operand
                 add = nodes[layer.bias_node.name]
-                add.inputs[1 if add.inputs[0].name == node.outputs[0].name else 0] = bias
+                add.inputs[bias_operand(add, node)] = bias
             elif len(node.inputs) > 2:
                 node.inputs[2] = bias
             else:
