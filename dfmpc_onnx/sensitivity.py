@@ -80,7 +80,6 @@ class OutputProbe:
             divergence += float(np.sum(kl_divergence(class_scores(reference[0]), class_scores(outputs[0]))))
         return divergence / len(self.inputs)
 
-
     def closeness(self, changes: Weights) -> float:
         """How close the model with ``changes`` stays to the float one, by the fidelity check's measures: for a
         classifier the fraction of inputs whose top-1 agrees, else minus the output noise power."""
