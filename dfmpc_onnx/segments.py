@@ -13,11 +13,12 @@ from .runtime import graph_session, own_graph, with_header_of
 
 
 class Segments:
-    """``graph`` cut after each conv of ``convs`` (in topological order): segment k runs the nodes from
-    just after conv k-1 to conv k, reading the graph input, the tensors earlier segments left, and the
-    quantized layers' weights (as inputs), and leaving every tensor a later segment reads."""
+    """``graph`` cut after each node named in ``cuts`` (a layer's node, or the bias Add of a MatMul), in
+    topological order (``self.cuts``): segment k runs the nodes from just after cut k-1 to cut k, reading
+    the graph input, the tensors earlier segments left, and the quantized layers' weights and biases (as
+    inputs), and leaving every tensor a later segment reads."""
 
-    def __init__(self, graph: gs.Graph, layers: dict[str, Layer], convs: list[str], extra: set[str],
+    def __init__(self, graph: gs.Graph, layers: dict[str, Layer], cuts: list[str], extra: set[str],
                  like: onnx.ModelProto):
         probe, self.weight_inputs = with_weight_inputs(graph, layers, [t.name for t in graph.outputs])
         probe.toposort()
@@ -28,11 +29,12 @@ class Segments:
         constants = {o: node for node in model.graph.node if node.op_type == "Constant" for o in node.output}
         nodes = [node for node in model.graph.node if node.op_type != "Constant"]
         position = {node.name: i for i, node in enumerate(nodes)}
-        cuts = [position[name] for name in convs]
+        positions = sorted(position[name] for name in cuts)
+        self.cuts = [nodes[c].name for c in positions]
         initializers = {t.name: t for t in model.graph.initializer}
         types = {v.name: v.type for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
         weight_names = {n for pair in self.weight_inputs.values() for n in pair if n}
-        bounds = list(zip([0] + [c + 1 for c in cuts[:-1]], [c + 1 for c in cuts]))
+        bounds = list(zip([0] + [c + 1 for c in positions[:-1]], [c + 1 for c in positions]))
         reads = [set().union(*(_node_reads(n) for n in nodes[a:b])) for a, b in bounds]
         writes = [{o for n in nodes[a:b] for o in n.output if o} for a, b in bounds]
         self.sessions, self.inputs, self.outputs = [], [], []
@@ -45,7 +47,7 @@ class Segments:
             data_inputs = sorted(name for name in reads[k] - writes[k]
                                  if name not in initializers and name not in weight_names and name not in constants)
             weights = sorted(name for name in reads[k] if name in weight_names)
-            self.layers.append([layer for layer, pair in self.weight_inputs.items() if pair[0] in reads[k]])
+            self.layers.append([layer for layer, pair in self.weight_inputs.items() if set(pair) & reads[k]])
             segment = onnx.helper.make_graph(
                 [constants[name] for name in sorted(reads[k]) if name in constants] + nodes[a:b], f"segment{k}",
                 [_value_info(name, types) for name in data_inputs + weights],

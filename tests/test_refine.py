@@ -194,3 +194,33 @@ def test_the_last_layer_is_not_matched_under_keep_last():
     np.testing.assert_array_equal(kept["last"], plain["last"])
     assert not np.allclose(matched["last"], plain["last"])
     assert not np.allclose(kept["middle"], plain["middle"])
+
+
+def _feature_stats(model, inputs, tensor):
+    """Mean and variance of ``tensor`` per feature (the last axis) over the batch and tokens."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = np.concatenate([session.run(None, {"x": x[None]})[0] for x in inputs]).astype(np.float64)
+    values = values.reshape(-1, values.shape[-1])
+    return values.mean(axis=0), values.var(axis=0)
+
+
+def test_a_matmul_over_tokens_is_matched_per_feature():
+    """A transformer's MatMul (with its bias Add) computes at every token: its features' statistics over the
+    batch and the tokens are matched like a conv's channels over the positions."""
+    from test_pairs import attention_model
+
+    model = attention_model()
+    fc1_add = next(n for n in model.graph.node if n.op_type == "Add" and any(
+        i == m.output[0] for m in model.graph.node if m.name == "fc1" for i in n.input))
+    inputs = np.random.default_rng(3).normal(size=(16, 4, 8)).astype(np.float32)
+    options = dict(synthetic_inputs=inputs, check=False, protect="off", format="float")  # the weights as matched
+    refined, report = quantize(model, "4", refine="stats", **options)
+    plain, _ = quantize(model, "4", refine="none", **options)
+    want, got, before = (_feature_stats(m, inputs, fc1_add.output[0]) for m in (model, refined, plain))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4 * (1 + np.abs(want[0]).max()))
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-3)
+    assert not np.allclose(before[1], want[1], rtol=1e-2)
+    assert report.refine == "stats"

@@ -17,16 +17,16 @@ RIDGE = 1e-3
 """Ridge weight of the refit, relative to the mean diagonal of the Gram matrix."""
 
 
-def channel_statistics(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (axis 1) mean m and variance v over every sample and position of the chunks, in float64."""
+def channel_statistics(chunks: list[np.ndarray], axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean m and variance v over every sample and position of the chunks, in float64; the
+    channels on ``axis`` (1 for a conv's NCHW, -1 for a transformer's tokens x features)."""
     sums = squares = 0.0
     count = 0
     for values in chunks:
-        v = values.astype(np.float64)
-        axes = (0,) + tuple(range(2, v.ndim))
-        sums = sums + v.sum(axis=axes)
-        squares = squares + np.square(v).sum(axis=axes)
-        count += v.size // v.shape[1]
+        v = np.moveaxis(values.astype(np.float64), axis, -1).reshape(-1, values.shape[axis])
+        sums = sums + v.sum(axis=0)
+        squares = squares + np.square(v).sum(axis=0)
+        count += v.shape[0]
     mean = sums / count
     return mean, np.maximum(squares / count - mean**2, 0.0)
 
@@ -38,9 +38,10 @@ def channel_affine(m_f: np.ndarray, v_f: np.ndarray, m_q: np.ndarray, v_q: np.nd
     return np.where(measured, np.sqrt(np.maximum(v_f, 0.0) / np.where(measured, v_q, 1.0)), 1.0)
 
 
-def apply_affine(values: np.ndarray, a: np.ndarray, m_q: np.ndarray, m_f: np.ndarray) -> np.ndarray:
-    """y <- a (y - m_q) + m_f per channel: what the corrected conv would have output."""
-    shape = (1, -1) + (1,) * (values.ndim - 2)
+def apply_affine(values: np.ndarray, a: np.ndarray, m_q: np.ndarray, m_f: np.ndarray, axis: int = 1) -> np.ndarray:
+    """y <- a (y - m_q) + m_f per channel (on ``axis``): what the corrected layer would have output."""
+    shape = [1] * values.ndim
+    shape[axis] = -1
     return ((values - m_q.reshape(shape)) * a.reshape(shape) + m_f.reshape(shape)).astype(np.float32)
 
 
