@@ -96,7 +96,8 @@ class Options:
                                         "runs no refinement (it works on producer-placed weights)",
                             choices=("producer", "consumer"))
     refine: str = option("auto", "after compensation, data-free: stats matches each quantized conv's per-channel "
-                                 "output mean and variance to the float model's on synthetic inputs; refit first "
+                                 "output mean and variance (a transformer MatMul's per feature over the tokens) to "
+                                 "the float model's on synthetic inputs; refit first "
                                  "re-solves each pair consumer by least squares on them; bias subtracts the expected "
                                  "output error from BatchNorm statistics; none is the paper alone. auto: refit on "
                                  "distilled inputs, stats on noise (dropped if it does not also hold on white and "
