@@ -279,7 +279,7 @@ def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Laye
         progress.advance()
     costs = layer_costs(layers, units, plan)
     shared = shared_constant_bits({layer.weight.ndim for layer in layers.values()}, plan.storage,
-                                  tuple(sorted({plan.grid(b) for b in WIDTHS})))
+                                  tuple(sorted({g for b in WIDTHS for g in plan.grids(b)})))
     budget = plan.options.target_bits * sum(sizes.values()) - shared
     candidates = [knapsack_allocation(units, costs, damage, budget), greedy_allocation(units, costs, damage, budget)]
     candidates += uniform_allocations(units, costs, budget)

@@ -19,7 +19,7 @@ from .check import ReferenceRun, check_model, run_reference
 from .domain import InputDomain
 from .emit import emit
 from .errors import CheckError, InputError
-from .feedback import round_with_feedback
+from .feedback import fit_codes
 from .fold import fold_batchnorm
 from .graph import find_layers, import_graph
 from .inputs import find_static_shape, model_facts, resolve_input_shapes
@@ -80,9 +80,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     search = find_pairs(graph, layers, kept_out_of_pairs(list(layers), options.keep_first, options.keep_last),
                         options.relu6)
     stopwatch.lap("pairs")
-
     bits, protection, allocation_note = choose_bits(graph, working, layers, search, inputs, plan, console)
-    qlayers = round_with_feedback(graph, quantize_layers(layers, search, bits, plan), inputs, plan, working, console)
+    qlayers, fit_note = fit_codes(graph, quantize_layers(layers, search, bits, plan), inputs, plan, working, console)
     stopwatch.lap("quantize")
     qlayers = compensate_layers(qlayers, options)
     stopwatch.lap("solve")
@@ -101,7 +100,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, options: Options | str 
     stopwatch.lap("emit")
     check = check_model(reference, result, options.min_agreement) if options.check else None
     stopwatch.lap("check")
-    notes = [n for n in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note, refine_note) if n]
+    notes = [n for n in (half and HALF_NOTE, shape_note, upgrade_note, relu6_note, allocation_note, fit_note, refine_note)
+             if n]
     return result, make_report(_label(model, skeleton), plan, skeleton, result, search, folding, table, replaced_clips,
                                notes, check, stopwatch.timings, domain, protection, ranges, shape_note is not None)
 

@@ -1,7 +1,7 @@
-"""``--error-feedback``: each layer's codes re-rounded with GPTQ's error feedback (``maths/feedback.py``),
-its input covariance H measured on the synthetic inputs in the float model. Runs between the quantize
-and the solve stage: the grid (each row's scale) is the quantizer's, so c (Eqs. 7-10) and the refinement
-work on the new codes as on any others."""
+"""Codes fitted to each layer's input covariance H, measured on the synthetic inputs in the float model:
+the k-bit grid and ranges chosen by output error (``--kbit-grid auto``, ``--kbit-range output``), then
+GPTQ's error feedback (``--error-feedback``, ``maths/feedback.py``). Runs between the quantize and the
+solve stage: c (Eqs. 7-10) and the refinement work on the new codes as on any others."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import Layer, batch_chunk, to_rows, with_outputs
-from .maths.feedback import code_levels, feature_covariance, feedback_codes, patch_covariance
+from .maths.feedback import (RANGE_FRACTIONS, code_levels, feature_covariance, feedback_codes, output_errors,
+                             output_fitted, patch_covariance)
+from .maths.quantizers import QuantizedWeight
 from .options import Plan
-from .plan import QuantizedLayer
+from .plan import QuantizedLayer, quantize_weight_rows
 from .progress import Console
 from .runtime import graph_session, own_graph
 
@@ -64,23 +66,51 @@ def measure_covariances(graph: gs.Graph, layers: dict[str, Layer], inputs: np.nd
     return {name: h for name, h in found.items() if h is not None}
 
 
-def round_with_feedback(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.ndarray | None,
-                        plan: Plan, like: onnx.ModelProto, console: Console) -> dict[str, QuantizedLayer]:
-    """The quantized layers with their codes re-rounded by error feedback (``plan.feedback``), else as
-    they are. A group's rows are the output channels of that group (ONNX's grouped conv layout)."""
-    if not plan.feedback or inputs is None:
-        return qlayers
+def fit_codes(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.ndarray | None, plan: Plan,
+              like: onnx.ModelProto, console: Console) -> tuple[dict[str, QuantizedLayer], str | None]:
+    """The quantized layers with their k-bit grid and ranges chosen by output error (``plan.fits_output``)
+    and their codes re-rounded by error feedback (``plan.feedback``), else as they are; and ``grid_note``.
+    A group's rows are the output channels of that group (ONNX's grouped conv layout)."""
+    if not (plan.feedback or plan.fits_output) or inputs is None:
+        return qlayers, None
     covariances = measure_covariances(graph, {name: ql.layer for name, ql in qlayers.items()}, inputs, like)
-    progress = console.progress("error feedback", len(covariances), "layers rounded")
+    progress = console.progress("fit codes", len(covariances), "layers fitted to their inputs")
     result = dict(qlayers)
     for name, groups in covariances.items():
         ql = qlayers[name]
-        q = ql.quantized
         rows = to_rows(ql.layer.weight, ql.layer.out_axis)
-        size = rows.shape[0] // len(groups)
-        codes = np.concatenate([feedback_codes(rows[g * size:(g + 1) * size], h, q.scale[g * size:(g + 1) * size],
-                                               code_levels(q)) for g, h in enumerate(groups)])
-        rounded = dataclasses.replace(q, codes=codes.astype(q.codes.dtype))
-        result[name] = dataclasses.replace(ql, quantized=rounded, weight=rounded)
+        q = _output_fitted(rows, ql.quantized, groups, ql.layer.taps, plan)
+        if plan.feedback:
+            size = rows.shape[0] // len(groups)
+            codes = np.concatenate([feedback_codes(rows[g * size:(g + 1) * size], h, q.scale[g * size:(g + 1) * size],
+                                                   code_levels(q)) for g, h in enumerate(groups)])
+            q = dataclasses.replace(q, codes=codes.astype(q.codes.dtype))
+        result[name] = dataclasses.replace(ql, quantized=q, weight=q)
         progress.advance()
-    return result
+    return result, grid_note(result, plan)
+
+
+def _output_fitted(rows: np.ndarray, q: QuantizedWeight, groups: list[np.ndarray], taps: int,
+                   plan: Plan) -> QuantizedWeight:
+    """``q``, or for a k-bit layer under ``plan.fits_output`` the grid (``--kbit-grid auto``) and ranges
+    (``--kbit-range output``) with the least output error on the layer's inputs (H per group)."""
+    if not plan.fits_output or q.bits == 2:
+        return q
+    options = plan.options
+    if options.kbit_range == "output":
+        return output_fitted(rows, q.bits, plan.grids(q.bits), RANGE_FRACTIONS, options.per_channel(q.bits),
+                             groups, taps if options.kbit_rounding == "kernel-sum" else 1)
+    candidates = [quantize_weight_rows(rows, q.bits, plan, taps, grid) for grid in plan.grids(q.bits)]
+    return min(candidates, key=lambda c: float(output_errors(rows, c.dequantize().astype(np.float64), groups).sum()))
+
+
+def grid_note(qlayers: dict[str, QuantizedLayer], plan: Plan) -> str | None:
+    """Under ``--kbit-grid auto`` (fitted), how many k-bit layers each grid won."""
+    if not plan.fits_output or plan.options.kbit_grid != "auto":
+        return None
+    counts: dict[str, int] = {}
+    for ql in qlayers.values():
+        if ql.quantized.bits > 2:
+            counts[ql.quantized.grid] = counts.get(ql.quantized.grid, 0) + 1
+    return "--kbit-grid auto (least output error): " + ", ".join(f"{n} k-bit layers on the {grid} grid"
+                                                                   for grid, n in sorted(counts.items()))

@@ -73,11 +73,15 @@ class Options:
     ternary_threshold: str = option("auto", "twn: Delta = 0.7 mean|W| (Eq. 4); optimal: the exact least-squares "
                                             "threshold; auto: optimal under --refine refit, else twn",
                                     choices=("auto", "twn", "optimal"))
-    kbit_range: str = option("max", "M of the k-bit quantizer (Eq. 6): max|W| (the paper) or the clipped range "
-                                    "with the least squared error", choices=("max", "mse"))
+    kbit_range: str = option("max", "M of the k-bit quantizer (Eq. 6): max|W| (the paper), the clipped range "
+                                    "with the least squared error, or per output channel the clipped range with the "
+                                    "least output error on the layer's inputs (synthetic)",
+                             choices=("max", "mse", "output"))
     kbit_grid: str = option("dorefa", "levels of the k-bit quantizer: Eq. 6's 2^k odd levels (the paper, no zero), "
                                       "or the symmetric integers -(2^(k-1)-1)..2^(k-1)-1 times M/(2^(k-1)-1) (plain "
-                                      "rounding as users know it, zero exact)", choices=("dorefa", "integer"))
+                                      "rounding as users know it, zero exact); auto: per layer the one with the "
+                                      "least output error on the layer's inputs (synthetic)",
+                            choices=("dorefa", "integer", "auto"))
     error_feedback: str = option("auto", "re-round each layer's codes column by column on its grid, each column's "
                                          "error fed back onto the columns not yet rounded through the inverse "
                                          "covariance of the layer's input on the synthetic inputs (GPTQ); auto: on "
@@ -305,9 +309,26 @@ class Plan:
         return self.synthetic is not None
 
     def grid(self, bits: int) -> str:
-        """``--kbit-grid``, but integer for 8-bit layers under ``--activations``: integer kernels read int8,
-        which holds integer codes (up to 127), not DoReFa's (odd, up to 255)."""
-        return "integer" if self.options.activations != "none" and bits == 8 else self.options.kbit_grid
+        """The grid layers at ``bits`` are first quantized on: ``--kbit-grid`` (DoReFa's for auto, until
+        ``fit_codes`` chooses), but integer for 8-bit layers under ``--activations``: integer kernels read
+        int8, which holds integer codes (up to 127), not DoReFa's (odd, up to 255)."""
+        return self.grids(bits)[0]
+
+    def grids(self, bits: int) -> tuple[str, ...]:
+        """Every grid a layer at ``bits`` may end on: ``--kbit-grid auto`` chooses among both."""
+        if self.options.activations != "none" and bits == 8:
+            return ("integer",)
+        return ("dorefa", "integer") if self.options.kbit_grid == "auto" else (self.options.kbit_grid,)
+
+    @property
+    def fits_output(self) -> bool:
+        """Whether the k-bit grids or ranges are chosen by output error on the synthetic inputs (``fit_codes``)."""
+        return self.needs_inputs and (self.options.kbit_grid == "auto" or self.options.kbit_range == "output")
+
+    @property
+    def kbit_range(self) -> str:
+        """The range the quantizer starts from: ``--kbit-range``, max for output (``fit_codes`` chooses)."""
+        return "max" if self.options.kbit_range == "output" else self.options.kbit_range
 
     def without_distillation(self, reason: str) -> Plan:
         """The plan once distillation, chosen by ``--synthetic auto``, turned out impossible: pink noise,
@@ -343,7 +364,8 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     if protecting and not (refining or activating or options.target_bits) and options.synthetic == "auto":
         synthetic = "pink"  # only the pair probe reads them: distillation would cost more than it informs
     feeding = options.error_feedback == "on" or (options.error_feedback == "auto" and refine == "refit")
-    wanted = refining or options.target_bits is not None or protecting or activating or feeding
+    fitting = options.kbit_grid == "auto" or options.kbit_range == "output"
+    wanted = refining or options.target_bits is not None or protecting or activating or feeding or fitting
     if wanted and facts.obstacle:
         for needs, flag in ((options.target_bits is not None, "--target-bits"), (activating, "--activations")):
             if needs:
@@ -351,6 +373,7 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
         decisions += [f"refinement skipped: {facts.obstacle}"] * refining
         decisions += [f"pairs not protected: {facts.obstacle}"] * protecting
         decisions += [f"no error feedback: {facts.obstacle}"] * (options.error_feedback == "on")
+        decisions += [f"k-bit grid and range not fitted to outputs (dorefa, max): {facts.obstacle}"] * fitting
         refine, wanted, protecting, feeding = ("none" if refining else refine), False, False, False
     ternary_threshold = options.ternary_threshold
     if ternary_threshold == "auto":

@@ -49,12 +49,13 @@ def quantize_layer(layer: Layer, bits: int, plan: Plan) -> QuantizedWeight:
     return quantize_weight_rows(to_rows(layer.weight, layer.out_axis), bits, plan, layer.taps)
 
 
-def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan, taps: int = 1) -> QuantizedWeight:
+def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan, taps: int = 1,
+                         grid: str | None = None) -> QuantizedWeight:
     """Weight rows at ``bits``: ternary (Eqs. 3-4) or DoReFa (Eq. 6), with the plan's scales, ternary
-    threshold, k-bit range, grid and rounding (``taps``: the layer's ``Layer.taps``)."""
+    threshold, k-bit range, grid (or ``grid``) and rounding (``taps``: the layer's ``Layer.taps``)."""
     options = plan.options
-    return quantize_rows(rows, bits, options.per_channel(bits), plan.ternary_threshold, options.kbit_range,
-                         plan.grid(bits), taps if options.kbit_rounding == "kernel-sum" else 1)
+    return quantize_rows(rows, bits, options.per_channel(bits), plan.ternary_threshold, plan.kbit_range,
+                         grid or plan.grid(bits), taps if options.kbit_rounding == "kernel-sum" else 1)
 
 
 def layer_compensation(layer: Layer, q: QuantizedWeight, options: Options) -> np.ndarray:

@@ -257,7 +257,8 @@ def required_opset(plan: Plan, half: bool = False) -> int:
     when ``half``."""
     options = plan.options
     widths = (plan.scheme.low, plan.scheme.high) if plan.scheme is not None else WIDTHS
-    weights = [storage_opset(bits, plan.storage, plan.grid(bits)) for bits in widths] if options.format == "qdq" else []
+    weights = ([storage_opset(bits, plan.storage, grid) for bits in widths for grid in plan.grids(bits)]
+               if options.format == "qdq" else [])
     activations = [ACTIVATION_OPSET[int(options.activations)]] if options.activations != "none" else []
     return max(weights + activations + [FLOAT16_SCALES_OPSET if half and weights else 0])
 

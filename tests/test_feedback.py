@@ -1,12 +1,15 @@
 """Rounding with error feedback (GPTQ): the maths against brute force, and the stage in the pipeline."""
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 
 from conftest import chain_model, run_model
 from dfmpc_onnx import quantize
-from dfmpc_onnx.maths.feedback import code_levels, feature_covariance, feedback_codes, nearest_level, patch_covariance
-from dfmpc_onnx.maths.quantizers import dorefa_quantize, ternary_quantize
+from dfmpc_onnx.maths.feedback import (RANGE_FRACTIONS, code_levels, feature_covariance, feedback_codes, nearest_level,
+                                       output_errors, output_fitted, patch_covariance)
+from dfmpc_onnx.maths.quantizers import dorefa_quantize, integer_quantize, ternary_quantize
 
 
 def output_error(rows, codes, scale, h):
@@ -93,3 +96,62 @@ def test_a_model_whose_only_quantized_layer_reads_the_graph_input():
     assert report.feedback and [layer.name for layer in report.layers if layer.bits] == ["stem"]
     x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
     assert not np.array_equal(run_model(on, x), run_model(off, x))
+
+
+def heavy_tailed_rows(rng, channels, d):
+    """Weights as transformer MLPs have them: most small, a few far out (Student's t with 2 degrees)."""
+    return rng.standard_t(2, size=(channels, d))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_the_output_fitted_weight_never_loses_to_max_ranges_on_either_grid(per_channel):
+    rng = np.random.default_rng(3)
+    rows = heavy_tailed_rows(rng, 12, 40)
+    h = feature_covariance(correlated_inputs(rng, 300, 40))
+    fitted = output_fitted(rows, 4, ("dorefa", "integer"), RANGE_FRACTIONS, per_channel, h)
+    error = output_errors(rows, fitted.dequantize().astype(np.float64), h).sum()
+    plain = [output_errors(rows, q.dequantize().astype(np.float64), h).sum()
+             for q in (dorefa_quantize(rows, 4, per_channel), integer_quantize(rows, 4, per_channel))]
+    assert error <= min(plain)
+    if per_channel:  # some row is better clipped: strictly below either grid's max ranges
+        assert error < min(plain)
+    else:
+        assert np.unique(fitted.scale).size == 1
+
+
+def test_the_fitted_range_clips_weights_whose_inputs_carry_no_energy():
+    """An outlier weight on an input that is always zero moves no output: the range need not cover it."""
+    rng = np.random.default_rng(4)
+    rows = rng.normal(size=(6, 30))
+    rows[:, 0] = 40.0
+    x = correlated_inputs(rng, 300, 30)
+    x[:, 0] = 0.0
+    h = feature_covariance(x)
+    fitted = output_fitted(rows, 4, ("integer",), RANGE_FRACTIONS, True, h)
+    plain = integer_quantize(rows, 4, per_channel=True)
+    assert np.all(fitted.scale < 0.6 * plain.scale)  # alpha goes down to 0.4
+    assert (output_errors(rows, fitted.dequantize().astype(np.float64), h).sum()
+            < 0.5 * output_errors(rows, plain.dequantize().astype(np.float64), h).sum())
+
+
+def test_the_grid_is_chosen_per_layer_from_the_two_fixed_grids():
+    options = dict(refine="none", synthetic="pink", check=False, format="float")
+    auto, report = quantize(chain_model(), "4", kbit_grid="auto", **options)
+    fixed = {grid: quantize(chain_model(), "4", kbit_grid=grid, **options)[0] for grid in ("dorefa", "integer")}
+    weights = {name: {i.name: i for i in model.graph.initializer} for name, model in [("auto", auto), *fixed.items()]}
+    chosen = []
+    for name, tensor in weights["auto"].items():
+        matches = [grid for grid in fixed if np.array_equal(onnx.numpy_helper.to_array(tensor),
+                                                             onnx.numpy_helper.to_array(weights[grid][name]))]
+        assert matches, name
+        chosen.append(matches)
+    note = next(n for n in report.notes if n.startswith("--kbit-grid auto"))
+    assert "k-bit layers on the" in note
+
+
+def test_fitting_to_outputs_makes_synthetic_inputs_even_without_refinement():
+    options = dict(refine="none", synthetic="pink", check=False, format="float")
+    fitted, _ = quantize(chain_model(), "4", kbit_range="output", **options)
+    plain, _ = quantize(chain_model(), "4", **options)
+    x = np.random.default_rng(2).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    assert not np.array_equal(run_model(fitted, x), run_model(plain, x))

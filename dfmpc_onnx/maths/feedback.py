@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quantizers import QuantizedWeight
+from .quantizers import QuantizedWeight, kbit_quantize
 from .statistics import im2col
 
 DAMPING = 0.01
 """Added to H's diagonal, as a fraction of its mean diagonal (GPTQ's default)."""
 BLOCK = 128
 """Columns rounded between two matrix updates of the rest (GPTQ's lazy batch: same result, fewer passes)."""
+RANGE_FRACTIONS = np.linspace(0.4, 1.0, 25)
+"""The fractions alpha of max|w| that ``output_fitted`` tries as a row's range M (``--kbit-range output``)."""
 
 
 def code_levels(q: QuantizedWeight) -> np.ndarray:
@@ -85,3 +87,40 @@ def feature_covariance(x: np.ndarray) -> list[np.ndarray]:
     """H = sum of x x^T over every row of the features ``x`` (..., d) of a Gemm or MatMul."""
     flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
     return [flat.T @ flat]
+
+
+def output_errors(rows: np.ndarray, dequantized: np.ndarray, hessians: list[np.ndarray]) -> np.ndarray:
+    """Each row's output error (w - w^) H (w - w^)^T, H the covariance of its group's input (rows split
+    evenly over ``hessians``, as ``graph.to_rows`` lays out a grouped conv)."""
+    error = rows.astype(np.float64) - dequantized
+    size = rows.shape[0] // len(hessians)
+    return np.concatenate([np.sum((error[g * size:(g + 1) * size] @ h) * error[g * size:(g + 1) * size], axis=1)
+                           for g, h in enumerate(hessians)])
+
+
+def output_fitted(rows: np.ndarray, bits: int, grids: tuple[str, ...], fractions: np.ndarray, per_channel: bool,
+                  hessians: list[np.ndarray], taps: int = 1) -> QuantizedWeight:
+    """k-bit weights whose grid (one of ``grids``, for the whole layer) and range M = alpha max|w| (alpha
+    one of ``fractions``, per row, or one for all rows when not ``per_channel``) give the least output
+    error sum (w - w^) H (w - w^)^T on the layer's inputs (``output_errors``), rather than the least
+    weight error: an input direction that carries much energy weighs in as much as it moves the output."""
+    largest = np.abs(rows).max(axis=1).astype(np.float64)
+    if not per_channel:
+        largest = np.full_like(largest, largest.max(initial=0.0))
+    best, best_total = None, np.inf
+    for grid in grids:
+        fitted, errors = None, np.full(rows.shape[0], np.inf)
+        for alpha in fractions:
+            q = kbit_quantize(rows, bits, largest * alpha, grid, taps)
+            trial = output_errors(rows, q.dequantize().astype(np.float64), hessians)
+            if not per_channel:
+                trial = np.full_like(trial, trial.sum())
+            better = trial < errors
+            if fitted is None:
+                fitted = q
+            else:
+                fitted.codes[better], fitted.scale[better] = q.codes[better], q.scale[better]
+            errors = np.where(better, trial, errors)
+        if errors.sum() < best_total:
+            best, best_total = fitted, float(errors.sum())
+    return best

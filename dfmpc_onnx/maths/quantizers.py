@@ -113,14 +113,7 @@ def dorefa_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbit
         axis = 1 if per_channel else None
         m = np.broadcast_to(mse_range(rows.astype(np.float64), m[:, None] if per_channel else m[:1, None], levels,
                                       axis).reshape(-1), m.shape).copy()
-    codes = np.empty(rows.shape, dtype=_int_type(bits + 1))
-    if taps > 1:
-        safe = np.where(m > 0, m, 1.0)[:, None]
-        index = np.clip(levels * (rows.astype(np.float64) / (2 * safe) + 0.5), 0, levels)
-        codes[...] = 2 * kernel_sum_round(index, taps) - levels
-    else:
-        _dorefa_codes(rows, m, levels, codes)
-    return QuantizedWeight(codes, m / levels, bits=bits, storage_bits=bits + 1)
+    return kbit_quantize(rows, bits, m, "dorefa", taps)
 
 
 def _dorefa_steps(w: np.ndarray, m: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,9 +152,27 @@ def integer_quantize(rows: np.ndarray, bits: int, per_channel: bool = False, kbi
     m = row_max if per_channel else np.full(w.shape[0], row_max.max(initial=0.0))
     if kbit_range == "mse" and w.size:
         m = _integer_mse_range(w, m, limit, per_channel)
-    scale = np.where(m > 0, m, 1.0) / limit
-    codes = kernel_sum_round(np.clip(w / scale[:, None], -limit, limit), taps).astype(_int_type(bits))
-    return QuantizedWeight(codes, np.where(m > 0, scale, 0.0), bits=bits, storage_bits=bits, grid="integer")
+    return kbit_quantize(w, bits, m, "integer", taps)
+
+
+def kbit_quantize(rows: np.ndarray, bits: int, m: np.ndarray, grid: str = "dorefa", taps: int = 1) -> QuantizedWeight:
+    """k-bit weights on ``grid`` ("dorefa": Eq. 6's odd codes; "integer": the symmetric integers) with the
+    range M given per row (``m``, rows x 1 of it), rounded by ``kernel_sum_round`` over ``taps``."""
+    m = np.asarray(m, dtype=np.float64)
+    if grid == "integer":
+        limit = 2 ** (bits - 1) - 1
+        scale = np.where(m > 0, m, 1.0) / limit
+        codes = kernel_sum_round(np.clip(rows / scale[:, None], -limit, limit), taps).astype(_int_type(bits))
+        return QuantizedWeight(codes, np.where(m > 0, scale, 0.0), bits=bits, storage_bits=bits, grid="integer")
+    levels = 2**bits - 1
+    codes = np.empty(rows.shape, dtype=_int_type(bits + 1))
+    if taps > 1:
+        safe = np.where(m > 0, m, 1.0)[:, None]
+        index = np.clip(levels * (rows.astype(np.float64) / (2 * safe) + 0.5), 0, levels)
+        codes[...] = 2 * kernel_sum_round(index, taps) - levels
+    else:
+        _dorefa_codes(np.ascontiguousarray(rows), m, levels, codes)
+    return QuantizedWeight(codes, m / levels, bits=bits, storage_bits=bits + 1)
 
 
 def _integer_mse_range(w: np.ndarray, m: np.ndarray, limit: int, per_channel: bool, grid: int = 36) -> np.ndarray:
