@@ -188,6 +188,17 @@ def flags(item: dataclasses.Field) -> tuple[str, ...]:
     return (flag,) if isinstance(flag, str) else tuple(flag)
 
 
+def _input_shapes(value) -> tuple[tuple[str | None, tuple[int, ...]], ...]:
+    """``input_shapes`` as (name or None, dims) pairs, from pairs, a dict, or --input-shape's text ("1,3,8,8",
+    "x:1,3,8,8", or a list of them)."""
+    entries = value.items() if isinstance(value, dict) else [value] if isinstance(value, str) else value
+    try:
+        return tuple(parse_input_shape(entry) if isinstance(entry, str) else (entry[0], tuple(int(d) for d in entry[1]))
+                     for entry in entries)
+    except (TypeError, ValueError, IndexError):
+        raise InputError(f"input_shapes: {value!r} is not [NAME:]D0,D1,... text or (name, dims) pairs") from None
+
+
 def _normalise(options: Options) -> None:
     """Lists to tuples, a scheme's text to a ``Scheme``, a dict of input shapes to pairs (frozen fields)."""
     def put(name, value):
@@ -203,8 +214,7 @@ def _normalise(options: Options) -> None:
         put("protect", parse_protect(options.protect))
     providers = options.providers.split(",") if isinstance(options.providers, str) else options.providers
     put("providers", tuple(p.strip() for p in providers if p.strip()))
-    shapes = options.input_shapes.items() if isinstance(options.input_shapes, dict) else options.input_shapes
-    put("input_shapes", tuple((name, tuple(int(d) for d in dims)) for name, dims in shapes))
+    put("input_shapes", _input_shapes(options.input_shapes))
     for name in ("input_mean", "input_std", "input_range"):
         value = getattr(options, name)
         if value is not None:

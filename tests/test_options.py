@@ -183,3 +183,12 @@ def test_protect_reads_decibels_or_off(text, value):
 def test_protect_refuses_what_is_not_a_finite_number_of_decibels(text):
     with pytest.raises(InputError, match="--protect"):
         Options(protect=text)
+
+
+def test_input_shapes_from_python_take_the_command_line_text_too():
+    assert Options(input_shapes="1,3,8,8").input_shapes == ((None, (1, 3, 8, 8)),)
+    assert Options(input_shapes=["x:1,3,8,8"]).input_shapes == (("x", (1, 3, 8, 8)),)
+    assert Options(input_shapes={"x": [1, 3, 8, 8]}).input_shapes == (("x", (1, 3, 8, 8)),)
+    for bad in ([(None, "abc")], 5, "1,a"):
+        with pytest.raises(InputError, match="input"):
+            Options(input_shapes=bad)
