@@ -112,5 +112,5 @@ def grid_note(qlayers: dict[str, QuantizedLayer], plan: Plan) -> str | None:
     for ql in qlayers.values():
         if ql.quantized.bits > 2:
             counts[ql.quantized.grid] = counts.get(ql.quantized.grid, 0) + 1
-    return "--kbit-grid auto (least output error): " + ", ".join(f"{n} k-bit layers on the {grid} grid"
+    return "--kbit-grid auto (least output error): " + ", ".join(f"{n} k-bit layer{'s' * (n != 1)} on the {grid} grid"
                                                                    for grid, n in sorted(counts.items()))
