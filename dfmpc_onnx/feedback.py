@@ -12,8 +12,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import Layer, batch_chunk, to_rows, with_outputs
-from .maths.feedback import (RANGE_FRACTIONS, code_levels, feature_covariance, feedback_codes, output_errors,
-                             output_fitted, patch_covariance)
+from .maths.feedback import (RANGE_FRACTIONS, code_levels, feature_covariance, feedback_codes, group_rows,
+                             output_errors, output_fitted, patch_covariance)
 from .maths.quantizers import QuantizedWeight
 from .options import Plan
 from .plan import QuantizedLayer, quantize_weight_rows
@@ -81,9 +81,8 @@ def fit_codes(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.nd
         rows = to_rows(ql.layer.weight, ql.layer.out_axis)
         q = _output_fitted(rows, ql.quantized, groups, ql.layer.taps, plan)
         if plan.feedback:
-            size = rows.shape[0] // len(groups)
-            codes = np.concatenate([feedback_codes(rows[g * size:(g + 1) * size], h, q.scale[g * size:(g + 1) * size],
-                                                   code_levels(q)) for g, h in enumerate(groups)])
+            codes = np.concatenate([feedback_codes(rows[rows_of], h, q.scale[rows_of], code_levels(q))
+                                    for rows_of, h in zip(group_rows(rows.shape[0], len(groups)), groups)])
             q = dataclasses.replace(q, codes=codes.astype(q.codes.dtype))
         result[name] = dataclasses.replace(ql, quantized=q, weight=q)
         progress.advance()
@@ -100,7 +99,8 @@ def _output_fitted(rows: np.ndarray, q: QuantizedWeight, groups: list[np.ndarray
     if options.kbit_range == "output":
         return output_fitted(rows, q.bits, plan.grids(q.bits), RANGE_FRACTIONS, options.per_channel(q.bits),
                              groups, taps if options.kbit_rounding == "kernel-sum" else 1)
-    candidates = [quantize_weight_rows(rows, q.bits, plan, taps, grid) for grid in plan.grids(q.bits)]
+    # q is already on the first grid (``Plan.grid``): only the others are quantized
+    candidates = [q] + [quantize_weight_rows(rows, q.bits, plan, taps, grid) for grid in plan.grids(q.bits)[1:]]
     return min(candidates, key=lambda c: float(output_errors(rows, c.dequantize().astype(np.float64), groups).sum()))
 
 

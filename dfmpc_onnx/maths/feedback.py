@@ -93,9 +93,15 @@ def output_errors(rows: np.ndarray, dequantized: np.ndarray, hessians: list[np.n
     """Each row's output error (w - w^) H (w - w^)^T, H the covariance of its group's input (rows split
     evenly over ``hessians``, as ``graph.to_rows`` lays out a grouped conv)."""
     error = rows.astype(np.float64) - dequantized
-    size = rows.shape[0] // len(hessians)
-    return np.concatenate([np.sum((error[g * size:(g + 1) * size] @ h) * error[g * size:(g + 1) * size], axis=1)
-                           for g, h in enumerate(hessians)])
+    return np.concatenate([np.sum((error[rows_of] @ h) * error[rows_of], axis=1)
+                           for rows_of, h in zip(group_rows(rows.shape[0], len(hessians)), hessians)])
+
+
+def group_rows(rows: int, groups: int) -> list[slice]:
+    """The rows of each group when ``rows`` output channels are split evenly over ``groups`` (ONNX's grouped
+    conv layout, as ``graph.to_rows`` keeps it)."""
+    size = rows // groups
+    return [slice(g * size, (g + 1) * size) for g in range(groups)]
 
 
 def output_fitted(rows: np.ndarray, bits: int, grids: tuple[str, ...], fractions: np.ndarray, per_channel: bool,
