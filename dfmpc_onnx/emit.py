@@ -101,11 +101,13 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
         layer = ql.layer
         parts = storage_parts(q.bits, storage, q.grid)
         base_step = parts[-1][1]
-        per_tensor = bool(np.all(q.scale == q.scale[0]))
+        per_tensor = not q.block and bool(np.all(q.scale == q.scale[0]))
         attrs = {} if per_tensor else {"axis": layer.out_axis}
-        # the file stores one scale per channel, (step of the last part) x s; the other parts' scales and the
-        # DoReFa offset s are exact power-of-two multiples of it, computed in the graph
-        base = _scale_input(graph, names, constants, name, q, stored, base_step)
+        if q.block:  # a scale per block of inputs: DequantizeLinear's blocks run along the input axis
+            attrs = {"axis": _input_axis(layer), "block_size": q.block}
+        # the file stores one scale per channel (or block), (step of the last part) x s; the other parts' scales
+        # and the DoReFa offset s are exact power-of-two multiples of it, computed in the graph
+        base = _scale_input(graph, names, constants, layer, q, stored, base_step)
         terms = []
         for index, ((dtype, step), part) in enumerate(zip(parts, split_codes(q, storage))):
             values = from_rows(part, layer.weight.shape, layer.out_axis)
@@ -117,6 +119,8 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
             graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.DequantizeLinear{index or ''}",
                                        inputs=[codes, part_scale], outputs=[terms[-1]], attrs=attrs))
         if stores_offset(q.bits, storage, q.grid):  # W = s (2 m + 1): the + s, broadcast along the output-channel axis
+            if q.block:
+                raise ValueError("block-wise scales hold integer-grid codes, which need no offset")
             shape = [1] * layer.weight.ndim
             shape[layer.out_axis] = -1
             channels = base if per_tensor else _reshaped(graph, names, constants, name, base, shape)
@@ -132,15 +136,31 @@ def emit_qdq(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], storage: str =
     graph.toposort()
 
 
-def _scale_input(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], layer: str,
+def _input_axis(layer: Layer) -> int:
+    """The weight axis of the layer's input features: the other axis of a 2-D weight, axis 1 of a conv's."""
+    return 1 - layer.out_axis if layer.weight.ndim == 2 else 1
+
+
+def _in_layout(layer: Layer, q: QuantizedWeight, values: np.ndarray) -> np.ndarray:
+    """Per-row (or per-block: rows x blocks) ``values`` laid out as DequantizeLinear reads q's scales: as they
+    are per row, else like the weight with its input axis cut to one entry per block."""
+    if not q.block:
+        return values
+    shape = list(layer.weight.shape)
+    shape[_input_axis(layer)] = values.shape[1]
+    return from_rows(values, tuple(shape), layer.out_axis)
+
+
+def _scale_input(graph: gs.Graph, names: NameSource, constants: dict[tuple, gs.Constant], ql_layer: Layer,
                  q: QuantizedWeight, stored: LogScales | None, step: int) -> gs.Tensor:
     """The scales ``step`` x s of q (already as the file keeps them, ``with_stored_scale``) as the file stores
     them: a float32 constant (``stored`` None: one scale, or ``portable`` and ``int8``), or the uint8 codes of
     ``stored`` and the nodes that compute S 2^(t (e - 128)) from them, times a 0/1 mask of e != 0 where zero
     scales are coded."""
+    layer = ql_layer.name
     if stored is None:
-        return _scale_constant(names, layer, (q.scale * step).astype(np.float32))
-    codes = gs.Constant(names.fresh(f"{layer}.weight_scale_code"), stored.codes)
+        return _scale_constant(names, layer, _in_layout(ql_layer, q, (q.scale * step).astype(np.float32)))
+    codes = gs.Constant(names.fresh(f"{layer}.weight_scale_code"), _in_layout(ql_layer, q, stored.codes))
     zero_point = _shared(names, constants, "weight_scale_code_zero", np.array(LOG_SCALE_ZERO, np.uint8))
     octaves = _node(graph, names, layer, "DequantizeLinear", "weight_scale_octaves",
                     [codes, gs.Constant(names.fresh(f"{layer}.weight_scale_step"), np.array(stored.step, np.float32)),
@@ -167,8 +187,8 @@ def _node(graph: gs.Graph, names: NameSource, layer: str, op: str, what: str, in
 
 
 def _scale_constant(names: NameSource, layer: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(names.fresh(f"{layer}.weight_scale"), values[:1].reshape(()) if np.all(values == values[0])
-                       else values)
+    single = values.ndim == 1 and np.all(values == values[0])  # blocks keep their layout
+    return gs.Constant(names.fresh(f"{layer}.weight_scale"), values[:1].reshape(()) if single else values)
 
 
 def _shared(names: NameSource, constants: dict[tuple, gs.Constant], base: str, value: np.ndarray) -> gs.Constant:

@@ -81,7 +81,7 @@ def fit_codes(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.nd
         rows = to_rows(ql.layer.weight, ql.layer.out_axis)
         q = _output_fitted(rows, ql.quantized, groups, ql.layer.taps, plan)
         if plan.feedback:
-            codes = np.concatenate([feedback_codes(rows[rows_of], h, q.scale[rows_of], code_levels(q))
+            codes = np.concatenate([feedback_codes(rows[rows_of], h, q.entry_scales()[rows_of], code_levels(q))
                                     for rows_of, h in zip(group_rows(rows.shape[0], len(groups)), groups)])
             q = dataclasses.replace(q, codes=codes.astype(q.codes.dtype))
         result[name] = dataclasses.replace(ql, quantized=q, weight=q)
@@ -92,8 +92,9 @@ def fit_codes(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.nd
 def _output_fitted(rows: np.ndarray, q: QuantizedWeight, groups: list[np.ndarray], taps: int,
                    plan: Plan) -> QuantizedWeight:
     """``q``, or for a k-bit layer under ``plan.fits_output`` the grid (``--kbit-grid auto``) and ranges
-    (``--kbit-range output``) with the least output error on the layer's inputs (H per group)."""
-    if not plan.fits_output or q.bits == 2:
+    (``--kbit-range output``) with the least output error on the layer's inputs (H per group). Layers with
+    block-wise scales keep theirs (``plan.scale_block``)."""
+    if not plan.fits_output or q.bits == 2 or q.block:
         return q
     options = plan.options
     if options.kbit_range == "output":

@@ -79,7 +79,17 @@ def model_facts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> M
     classifier = len(outputs) == 1 and one_class_axis(outputs[0])
     return ModelFacts(has_batchnorm=any(node.op_type == "BatchNormalization" for node in model.graph.node),
                       obstacle=shape if isinstance(shape, str) else None, classifier=classifier,
-                      macs=multiply_accumulates(model))
+                      macs=multiply_accumulates(model), tokens=has_token_layers(model))
+
+
+def has_token_layers(model: onnx.ModelProto) -> bool:
+    """Whether some MatMul multiplies by a constant 2-D weight an input whose inferred output has rank 3 or more
+    (batch x tokens x features): a linear layer applied at every token, as transformers have."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*model.graph.value_info, *model.graph.output]
+             if v.type.tensor_type.HasField("shape")}
+    weights = {t.name: len(t.dims) for t in model.graph.initializer}
+    return any(node.op_type == "MatMul" and len(node.input) == 2 and weights.get(node.input[1]) == 2
+               and ranks.get(node.output[0], 0) >= 3 for node in model.graph.node)
 
 
 def multiply_accumulates(model: onnx.ModelProto) -> float | None:

@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .values import Scheme, parse_input_shape, parse_protect
+from .values import ModelFacts, Scheme, parse_input_shape, parse_input_shapes, parse_protect, parse_scale_block
 
 WIDTHS = (2, 4, 6, 8)
 """The bit widths ``--target-bits`` chooses from (3 and 5 bits are stored in 4 and 6, so never cheaper)."""
 DEFAULT_SCHEME = "2/6"
+TOKEN_BLOCK = 32
+"""``--scale-block auto`` in a transformer: weights per scale (README, "Vision transformers")."""
 PROTECT_DB = 6.0
 """``--protect``'s default: the output SQNR below which one pair's LOW producers are raised (README, "Protected
 pairs": chosen on the shared models)."""
-SYNTHETIC_KINDS = {"distill": "distilled", "pink": "pink-noise", "noise": "white-noise"}
+SYNTHETIC_KINDS = {"distill": "distilled", "pink": "pink-noise", "noise": "white-noise", "leaves": "dead-leaves"}
 """How the report names each kind of synthetic input."""
 
 
@@ -82,10 +84,16 @@ class Options:
                                       "rounding as users know it, zero exact); auto: per layer the one with the "
                                       "least output error on the layer's inputs (synthetic)",
                             choices=("dorefa", "integer", "auto"))
+    scale_block: int | str = option("auto", "N weights of an output channel per scale (blocks, ONNX's block_size; "
+                                            "opset 21) in MatMul, Gemm and 1x1 conv layers whose inputs N divides at "
+                                            "least twice, k-bit ones on the integer grid; 0: a scale per channel or "
+                                            f"tensor (--granularity); auto: {TOKEN_BLOCK} in a transformer (MatMuls "
+                                            "over tokens), else 0", metavar="N|auto", parse=parse_scale_block)
     error_feedback: str = option("auto", "re-round each layer's codes column by column on its grid, each column's "
                                          "error fed back onto the columns not yet rounded through the inverse "
                                          "covariance of the layer's input on the synthetic inputs (GPTQ); auto: on "
-                                         "with --refine refit (inputs distilled from BatchNorm statistics; README)",
+                                         "with --refine refit (inputs distilled from BatchNorm statistics) and in a "
+                                         "transformer (README)",
                                  choices=("auto", "on", "off"))
     kbit_rounding: str = option("kernel-sum", "how k-bit weights are rounded: each to the nearest level (the "
                                               "paper), or then the fewest moved one level so that every kernel's sum over "
@@ -107,13 +115,14 @@ class Options:
                                  "distilled inputs, stats on noise (dropped if it does not also hold on white and "
                                  "low-contrast noise), none with --placement consumer",
                          choices=("auto", "none", "bias", "stats", "refit"))
-    synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise, white noise, or pink noise optimised so "
-                                    "that the model's BatchNorm layers see their running statistics, or, in a "
-                                    "classifier without BatchNorm, so that each input is classified as a chosen "
-                                    "class under image priors (run by onnxruntime, on --providers). auto: distill "
-                                    "when the model has BatchNorm statistics or is a classifier of at most 0.25 "
-                                    "GMAC per input, else pink",
-                            choices=("auto", "pink", "noise", "distill"))
+    synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise, white noise, dead leaves (disks of random "
+                                    "colour, one over another), or pink noise optimised so that the model's BatchNorm "
+                                    "layers see their running statistics, or, in a classifier without BatchNorm, so "
+                                    "that each is classified as a chosen class under image priors (run by "
+                                    "onnxruntime, on --providers). auto: distill when the model has BatchNorm "
+                                    "statistics or is a classifier of at most 0.25 GMAC per input, else dead "
+                                    "leaves in a transformer (MatMuls over tokens) and pink in other models",
+                            choices=("auto", "pink", "noise", "leaves", "distill"))
     input_mean: tuple[float, ...] = option((), "the mean of the model's input per channel (comma-separated, or one "
                                                 "value for all), for the synthetic inputs; default: from the model",
                                             metavar="M[,M...]", cli="csv")
@@ -188,17 +197,6 @@ def flags(item: dataclasses.Field) -> tuple[str, ...]:
     return (flag,) if isinstance(flag, str) else tuple(flag)
 
 
-def _input_shapes(value) -> tuple[tuple[str | None, tuple[int, ...]], ...]:
-    """``input_shapes`` as (name or None, dims) pairs, from pairs, a dict, or --input-shape's text ("1,3,8,8",
-    "x:1,3,8,8", or a list of them)."""
-    entries = value.items() if isinstance(value, dict) else [value] if isinstance(value, str) else value
-    try:
-        return tuple(parse_input_shape(entry) if isinstance(entry, str) else (entry[0], tuple(int(d) for d in entry[1]))
-                     for entry in entries)
-    except (TypeError, ValueError, IndexError):
-        raise InputError(f"input_shapes: {value!r} is not [NAME:]D0,D1,... text or (name, dims) pairs") from None
-
-
 def _normalise(options: Options) -> None:
     """Lists to tuples, a scheme's text to a ``Scheme``, a dict of input shapes to pairs (frozen fields)."""
     def put(name, value):
@@ -214,7 +212,8 @@ def _normalise(options: Options) -> None:
         put("protect", parse_protect(options.protect))
     providers = options.providers.split(",") if isinstance(options.providers, str) else options.providers
     put("providers", tuple(p.strip() for p in providers if p.strip()))
-    put("input_shapes", _input_shapes(options.input_shapes))
+    put("input_shapes", parse_input_shapes(options.input_shapes))
+    put("scale_block", parse_scale_block(options.scale_block))
     for name in ("input_mean", "input_std", "input_range"):
         value = getattr(options, name)
         if value is not None:
@@ -275,19 +274,6 @@ def _check_combinations(options: Options) -> None:
                          "refuses --relu6 pair (c on the consumer would move the clip point)")
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the resolution of ``auto`` values needs to know about the model and the installation."""
-
-    has_batchnorm: bool
-    obstacle: str | None
-    """Why the model cannot take synthetic inputs (several inputs, dynamic dims), or None."""
-    classifier: bool = False
-    """One output of shape (batch, classes), or (batch, classes, 1, 1) as a conv head with global pooling gives."""
-    macs: float | None = None
-    """Multiply-accumulates of the weighted layers per input, where the shapes say."""
-
-
 DISTILL_MACS = 2.5e8
 """The largest classifier without BatchNorm statistics that ``--synthetic auto`` distils: each step is a
 forward and a backward pass of the batch, and a 0.125 GMAC CIFAR ResNet-56 takes about half a minute on
@@ -312,6 +298,8 @@ class Plan:
     """Whether the pairs are probed and raised (``--protect`` under a LOW < HIGH scheme, with inputs)."""
     feedback: bool = False
     """Whether the codes are re-rounded with error feedback (``--error-feedback`` resolved, with inputs)."""
+    scale_block: int = 0
+    """Weights per scale in the layers ``plan.scale_block`` admits (``--scale-block`` resolved); 0: none."""
     decisions: tuple[str, ...] = ()
 
     @property
@@ -341,11 +329,13 @@ class Plan:
         return "max" if self.options.kbit_range == "output" else self.options.kbit_range
 
     def without_distillation(self, reason: str) -> Plan:
-        """The plan once distillation, chosen by ``--synthetic auto``, turned out impossible: pink noise,
-        and every other ``auto`` resolved again for it."""
-        plan = resolve(dataclasses.replace(self.options, synthetic="pink"), self.facts)
-        note = f"distillation not possible ({reason}); used pink noise, refinement {plan.refine}"
-        return dataclasses.replace(plan, decisions=self.decisions + (note,) + plan.decisions)
+        """The plan once distillation, chosen by ``--synthetic auto``, turned out impossible: the inputs
+        ``undistilled`` says, and every other ``auto`` resolved again for them."""
+        kind = undistilled(self.facts)
+        plan = resolve(dataclasses.replace(self.options, synthetic=kind), self.facts)
+        used = SYNTHETIC_KINDS[kind].replace("-", " ")
+        note = f"distillation not possible ({reason}); used {used} inputs, refinement {plan.refine}"
+        return dataclasses.replace(plan, decisions=(note,) + plan.decisions)  # resolved again: its notes replace ours
 
 
 def resolve(options: Options, facts: ModelFacts) -> Plan:
@@ -355,7 +345,7 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     synthetic = options.synthetic
     if synthetic == "auto":
         small = facts.classifier and facts.macs is not None and facts.macs <= DISTILL_MACS
-        synthetic = "distill" if facts.has_batchnorm or small else "pink"
+        synthetic = "distill" if facts.has_batchnorm or small else undistilled(facts)
         if not facts.has_batchnorm and facts.classifier and not small:
             size = f"{facts.macs / 1e9:.2f} GMAC per input" if facts.macs else "unknown size"
             decisions.append(f"no BatchNorm statistics: pink noise rather than distillation, which for a classifier "
@@ -373,7 +363,7 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
     activating = options.activations != "none"
     if protecting and not (refining or activating or options.target_bits) and options.synthetic == "auto":
         synthetic = "pink"  # only the pair probe reads them: distillation would cost more than it informs
-    feeding = options.error_feedback == "on" or (options.error_feedback == "auto" and refine == "refit")
+    feeding = options.error_feedback == "on" or (options.error_feedback == "auto" and (refine == "refit" or facts.tokens))
     fitting = options.kbit_grid == "auto" or options.kbit_range == "output"
     wanted = refining or options.target_bits is not None or protecting or activating or feeding or fitting
     if wanted and facts.obstacle:
@@ -391,5 +381,17 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
         # the least-squares threshold carries through; it scored higher there and lower under stats
         ternary_threshold = "optimal" if refine == "refit" else "twn"
     storage = options.storage if options.storage != "auto" else "int8" if activating else "exact"
+    block = options.scale_block if options.scale_block != "auto" else TOKEN_BLOCK if facts.tokens and not activating else 0
+    if facts.tokens:
+        auto = [f"a scale per {block} weights"] * (options.scale_block == "auto" and block > 0) + \
+            ["error feedback"] * (options.error_feedback == "auto" and feeding) + \
+            ["dead-leaves inputs"] * (synthetic == "leaves" and options.synthetic == "auto" and wanted)
+        decisions += [f"transformer (MatMuls over tokens): {', '.join(auto)}"] * bool(auto)
     return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, storage,
-                protecting, feeding, tuple(decisions))
+                protecting, feeding, block, tuple(decisions))
+
+
+def undistilled(facts: ModelFacts) -> str:
+    """The synthetic inputs of ``--synthetic auto`` where nothing is distilled: dead leaves for a transformer,
+    else pink noise (README, "Vision transformers": measured on a ViT and on EfficientNet-Lite0)."""
+    return "leaves" if facts.tokens else "pink"

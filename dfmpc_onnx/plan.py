@@ -41,21 +41,37 @@ def compensated(q: QuantizedWeight, bias: np.ndarray | None,
     if c is None:
         return q, bias
     new_bias = None if bias is None else (bias.astype(np.float64) * c).astype(np.float32)
-    return q.with_scale(q.scale * c), new_bias
+    return q.scaled(c), new_bias
 
 
 def quantize_layer(layer: Layer, bits: int, plan: Plan) -> QuantizedWeight:
-    """``layer``'s weight at ``bits`` (``quantize_weight_rows``)."""
-    return quantize_weight_rows(to_rows(layer.weight, layer.out_axis), bits, plan, layer.taps)
+    """``layer``'s weight at ``bits`` (``quantize_weight_rows``), in blocks where ``scale_block`` says."""
+    return quantize_weight_rows(to_rows(layer.weight, layer.out_axis), bits, plan, layer.taps,
+                                block=scale_block(layer, plan.scale_block))
 
 
-def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan, taps: int = 1,
-                         grid: str | None = None) -> QuantizedWeight:
+def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan, taps: int = 1, grid: str | None = None,
+                         block: int = 0) -> QuantizedWeight:
     """Weight rows at ``bits``: ternary (Eqs. 3-4) or DoReFa (Eq. 6), with the plan's scales, ternary
-    threshold, k-bit range, grid (or ``grid``) and rounding (``taps``: the layer's ``Layer.taps``)."""
+    threshold, k-bit range, grid (or ``grid``) and rounding (``taps``: the layer's ``Layer.taps``); with
+    ``block``, a scale per ``block`` weights of a row on the integer grid (``quantize_rows``)."""
     options = plan.options
     return quantize_rows(rows, bits, options.per_channel(bits), plan.ternary_threshold, plan.kbit_range,
-                         grid or plan.grid(bits), taps if options.kbit_rounding == "kernel-sum" else 1)
+                         "integer" if block else grid or plan.grid(bits),
+                         taps if options.kbit_rounding == "kernel-sum" else 1, block)
+
+
+def scale_block(layer: Layer, block: int) -> int:
+    """Weights per scale of ``layer`` under ``--scale-block block``: ``block`` when each output channel reads
+    each input feature with one weight (MatMul, Gemm, a 1x1 conv of one group) and ``block`` divides the
+    inputs into two blocks or more; else 0 (one scale per channel or tensor). Blocks run along the rows of
+    ``to_rows``, the axis DequantizeLinear's ``block_size`` runs along (``emit``); they hold the symmetric
+    integers: DoReFa's odd codes would need the scales broadcast to the whole weight for their offset."""
+    shape = layer.weight.shape
+    one_by_one = layer.op == "Conv" and layer.group == 1 and all(d == 1 for d in shape[2:])
+    inputs = int(np.prod(shape)) // layer.out_channels
+    fits = block > 0 and inputs % block == 0 and inputs >= 2 * block
+    return block if fits and (len(shape) == 2 or one_by_one) else 0
 
 
 def layer_compensation(layer: Layer, q: QuantizedWeight, options: Options) -> np.ndarray:

@@ -181,7 +181,8 @@ def _refit(ql: QuantizedLayer, quantized_in: list[np.ndarray], float_out: list[n
     node, layer = ql.layer.node, ql.layer
     rows, bias = ridge_refit(quantized_in, float_out, layer.weight, layer.bias,
                              tuple(node.attrs.get("strides", [1, 1])), list(node.attrs.get("pads", [0, 0, 0, 0])))
-    return dataclasses.replace(ql, weight=quantize_weight_rows(rows, ql.quantized.bits, plan, layer.taps), bias=bias)
+    weight = quantize_weight_rows(rows, ql.quantized.bits, plan, layer.taps, block=ql.quantized.block)
+    return dataclasses.replace(ql, weight=weight, bias=bias)
 
 
 def correct_biases(qlayers: QLayers, preactivation: dict[str, tuple[np.ndarray, np.ndarray]]) -> QLayers:

@@ -55,6 +55,8 @@ class Report:
     storage: str
     """exact, portable or int8 integer types (qdq only)."""
     granularity: str
+    scale_block: int
+    """Weights per scale in the layers that take blocks (``--scale-block``); 0: none."""
     ternary_threshold: str
     kbit_range: str
     lambda1: float
@@ -152,7 +154,8 @@ class Report:
         compensation = f"lambda1={self.lambda1:g} lambda2={self.lambda2:g}" if self.compensate else "off"
         lines = [
             f"scheme {self.scheme} ({self.format}" + (f" {self.storage}" if self.format == "qdq" else "")
-            + f", {self.granularity} scales, {self.ternary_threshold} ternary "
+            + f", {self.granularity} scales" + (f" or one per {self.scale_block} weights" if self.scale_block else "")
+            + f", {self.ternary_threshold} ternary "
             f"threshold, k-bit range {self.kbit_range}" + (", error feedback" if self.feedback else "")
             + f", compensation {compensation}, refinement {self.refine})",
             f"pairs found: {len(self.pairs)}; layers quantized: {self.count('low')} low, {self.count('high')} high, "
@@ -211,7 +214,7 @@ def make_report(label: str, plan: Plan, source: onnx.ModelProto, result: onnx.Mo
     notes += [note for note in (runtime_note(result),) if note]
     return Report(
         input=label, scheme=str(plan.scheme) if plan.scheme else f"target {options.target_bits:g} bits",
-        format=options.format, storage=plan.storage, granularity=options.granularity,
+        format=options.format, storage=plan.storage, granularity=options.granularity, scale_block=plan.scale_block,
         ternary_threshold=plan.ternary_threshold,
         kbit_range=options.kbit_range, lambda1=options.lambda1, lambda2=options.lambda2,
         compensate=options.compensate, placement=options.placement, relu6=options.relu6, refine=plan.refine,

@@ -76,21 +76,23 @@ TYPE_BITS = {ml_dtypes.int2: 2, ml_dtypes.uint2: 2, ml_dtypes.int4: 4, np.int8: 
 
 
 def stored_weight_bits(bits: int, shape: tuple[int, ...], out_axis: int, per_channel: bool, storage: str = "exact",
-                       grid: str = "dorefa") -> int:
+                       grid: str = "dorefa", block: int = 0) -> int:
     """Bits the file spends on one weight of ``shape`` quantized to ``bits``, as ``emit.emit_qdq`` writes it:
-    the packed integers of every part and the scales (``scale_bits``). The constants that derive the other
-    parts' scales and the DoReFa offset from them are shared by every layer, so no layer's cost."""
+    the packed integers of every part and the scales (``scale_bits``: one per ``block`` weights, else per
+    channel or one). The constants that derive the other parts' scales and the DoReFa offset from them are
+    shared by every layer, so no layer's cost."""
     parts = storage_parts(bits, storage, grid)
     total = sum(TYPE_BITS[dtype] for dtype, _ in parts) * int(np.prod(shape))
-    return total + scale_bits(int(shape[out_axis]) if per_channel else 1, storage)
+    scales = int(np.prod(shape)) // block if block else int(shape[out_axis]) if per_channel else 1
+    return total + scale_bits(scales, storage)
 
 
-def scale_bits(channels: int, storage: str) -> int:
-    """Bits of a layer's scales: one float32 for a single scale; per channel, one uint8 code each and two
-    float32 (``LogScales``) under ``exact``, one float32 each under ``portable`` and ``int8``."""
-    if channels == 1:
+def scale_bits(scales: int, storage: str) -> int:
+    """Bits of a layer's scales: one float32 for a single scale; else one uint8 code each and two float32
+    (``LogScales``) under ``exact``, one float32 each under ``portable`` and ``int8``."""
+    if scales == 1:
         return 32
-    return 8 * channels + 64 if storage == "exact" else 32 * channels
+    return 8 * scales + 64 if storage == "exact" else 32 * scales
 
 
 def shared_constant_bits(ranks: set[int], storage: str = "exact", grids: tuple[str, ...] = ("dorefa",)) -> int:
@@ -140,11 +142,11 @@ class LogScales:
 
 
 def log_scales(q: QuantizedWeight) -> LogScales | None:
-    """q's per-channel scales as ``LogScales``; None for a single scale (every channel's the same)."""
+    """q's per-channel (or per-block) scales as ``LogScales``; None for a single scale (every channel's the same)."""
     scale = q.scale.astype(np.float64)
     if np.any(scale < 0) or not np.all(np.isfinite(scale)):
         raise ValueError("scales must be finite and non-negative")
-    if np.all(scale == scale[0]):
+    if not q.block and np.all(scale == scale[0]):
         return None
     live = scale > scale.max() * 2.0**-LOG_SCALE_OCTAVES
     octaves = np.log2(np.where(live, scale, scale.max()))
@@ -153,7 +155,8 @@ def log_scales(q: QuantizedWeight) -> LogScales | None:
     base = np.float32(2.0 ** (low + float(step) * (LOG_SCALE_ZERO - 1)))
     index = np.rint((octaves - low) / step) if step > 0 else np.zeros_like(octaves)
     codes = np.where(live, 1 + index, 0).astype(np.uint8)
-    zeros = bool(np.any(~live & np.any(q.codes != 0, axis=1)))
+    coded = np.any(q.codes.reshape(scale.shape + (-1,)) != 0, axis=-1)  # each scale's weights: a row or a block
+    zeros = bool(np.any(~live & coded))
     return LogScales(np.where(live | zeros, codes, 1).astype(np.uint8), step, base, zeros)
 
 
@@ -176,7 +179,7 @@ def storage_opset(bits: int, storage: str = "exact", grid: str = "dorefa") -> in
 def stored_rows(q: QuantizedWeight, storage: str = "exact") -> np.ndarray:
     """The weight rows exactly as the qdq model computes them from its stored integers, in float32:
     each part times (step x scale), summed, plus the scale for m of DoReFa codes."""
-    scale = q.scale.astype(np.float32)[:, None]
+    scale = q.entry_scales()
     rows = None
     for (_, step), part in zip(storage_parts(q.bits, storage, q.grid), split_codes(q, storage)):
         term = part.astype(np.float32) * (scale * np.float32(step))
@@ -246,6 +249,8 @@ def runtime_note(model: onnx.ModelProto) -> str | None:
 
 FLOAT16_SCALES_OPSET = 19
 """The first opset whose DequantizeLinear takes float16 scales (a float16 model's weights)."""
+BLOCK_OPSET = 21
+"""The first opset whose DequantizeLinear takes ``block_size`` (``--scale-block``)."""
 ACTIVATION_OPSET = {8: 13, 16: 21}
 """The opset the activation QuantizeLinear/DequantizeLinear need: uint8 from 13 (the widely supported
 form), uint16 from 21."""
@@ -260,7 +265,8 @@ def required_opset(plan: Plan, half: bool = False) -> int:
     weights = ([storage_opset(bits, plan.storage, grid) for bits in widths for grid in plan.grids(bits)]
                if options.format == "qdq" else [])
     activations = [ACTIVATION_OPSET[int(options.activations)]] if options.activations != "none" else []
-    return max(weights + activations + [FLOAT16_SCALES_OPSET if half and weights else 0])
+    blocks = [BLOCK_OPSET] if weights and plan.scale_block else []
+    return max(weights + activations + blocks + [FLOAT16_SCALES_OPSET if half and weights else 0])
 
 
 def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan, half: bool = False) -> tuple[onnx.ModelProto, str | None]:

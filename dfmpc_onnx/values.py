@@ -1,4 +1,5 @@
-"""Option values read from text: the scheme ``LOW/HIGH`` (``--scheme``), ``--protect`` and ``--input-shape``."""
+"""Option values read from text (the scheme ``LOW/HIGH`` of ``--scheme``, ``--protect``, ``--input-shape``,
+``--scale-block``) and the facts about a model that resolve the ``auto`` options (``ModelFacts``)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,44 @@ def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...]]:
         return name or None, tuple(int(d) for d in dims.replace("x", ",").split(","))
     except ValueError:
         raise InputError(f"--input-shape: '{spec}' is not [NAME:]D0,D1,... with integer dims") from None
+
+
+def parse_scale_block(value: str | int) -> str | int:
+    """--scale-block's value: "auto", 0, or a number of weights of at least 2 (as text or an int)."""
+    if value == "auto":
+        return value
+    block = -1
+    if isinstance(value, str) and value.strip().isdigit():
+        block = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        block = value
+    if block < 0 or block == 1:
+        raise InputError(f"--scale-block takes 'auto', 0 or a number of weights of at least 2, not '{value}'")
+    return block
+
+
+def parse_input_shapes(value) -> tuple[tuple[str | None, tuple[int, ...]], ...]:
+    """``input_shapes`` as (name or None, dims) pairs, from pairs, a dict, or --input-shape's text ("1,3,8,8",
+    "x:1,3,8,8", or a list of them)."""
+    entries = value.items() if isinstance(value, dict) else [value] if isinstance(value, str) else value
+    try:
+        return tuple(parse_input_shape(entry) if isinstance(entry, str) else (entry[0], tuple(int(d) for d in entry[1]))
+                     for entry in entries)
+    except (TypeError, ValueError, IndexError):
+        raise InputError(f"input_shapes: {value!r} is not [NAME:]D0,D1,... text or (name, dims) pairs") from None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the resolution of ``auto`` values needs to know about the model and the installation."""
+
+    has_batchnorm: bool
+    obstacle: str | None
+    """Why the model cannot take synthetic inputs (several inputs, dynamic dims), or None."""
+    classifier: bool = False
+    """One output of shape (batch, classes), or (batch, classes, 1, 1) as a conv head with global pooling gives."""
+    macs: float | None = None
+    """Multiply-accumulates of the weighted layers per input, where the shapes say."""
+    tokens: bool = False
+    """Some MatMul applies a constant weight at every position of a sequence (an output of rank 3 or more): a
+    transformer's linear layers."""

@@ -31,7 +31,7 @@ def test_feedback_lowers_the_output_error_of_nearest_rounding_on_the_same_grid(b
     h = feature_covariance(x)[0]
     q = ternary_quantize(rows, per_channel=True) if bits == 2 else dorefa_quantize(rows, bits, per_channel=True)
     levels = code_levels(q)
-    codes = feedback_codes(rows, h, q.scale, levels)
+    codes = feedback_codes(rows, h, q.entry_scales(), levels)
     assert set(np.unique(codes)) <= set(levels)
     nearest = nearest_level(rows / q.scale[:, None], levels)
     assert output_error(rows, codes, q.scale, h) < 0.8 * output_error(rows, nearest, q.scale, h)
@@ -42,7 +42,7 @@ def test_with_uncorrelated_inputs_feedback_is_nearest_rounding():
     rows = rng.normal(size=(8, 20))
     q = dorefa_quantize(rows, 4, per_channel=True)
     h = np.diag(rng.uniform(1, 2, size=20))
-    np.testing.assert_array_equal(feedback_codes(rows, h, q.scale, code_levels(q)),
+    np.testing.assert_array_equal(feedback_codes(rows, h, q.entry_scales(), code_levels(q)),
                                   nearest_level(rows / q.scale[:, None], code_levels(q)))
 
 

@@ -47,8 +47,9 @@ def nearest_level(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
 
 
 def feedback_codes(rows: np.ndarray, hessian: np.ndarray, scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Codes for ``rows`` (out x d) on the grid ``levels`` x ``scale`` (one per row), each column rounded
-    after the errors of the columns before it were fed back through ``hessian`` (d x d, sum of x x^T)."""
+    """Codes for ``rows`` (out x d) on the grid ``levels`` x ``scale`` (one per weight, out x d:
+    ``QuantizedWeight.entry_scales``), each column rounded after the errors of the columns before it were
+    fed back through ``hessian`` (d x d, sum of x x^T)."""
     d = rows.shape[1]
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) <= 0  # inputs that are always zero: any code is as good, round them plainly
@@ -57,15 +58,15 @@ def feedback_codes(rows: np.ndarray, hessian: np.ndarray, scale: np.ndarray, lev
     w, h = rows.astype(np.float64)[:, order], h[np.ix_(order, order)]
     h[np.diag_indices(d)] += DAMPING * np.mean(np.diag(h))
     u = np.linalg.cholesky(np.linalg.inv(h)).T
-    step = np.where(scale > 0, scale, 1.0).astype(np.float64)
+    step = np.where(scale > 0, scale, 1.0).astype(np.float64)[:, order]
     codes = np.empty_like(w)
     for start in range(0, d, BLOCK):
         stop = min(start + BLOCK, d)
         block, errors = w[:, start:stop].copy(), np.empty((w.shape[0], stop - start))
         for i in range(stop - start):
             j = start + i
-            codes[:, j] = nearest_level(block[:, i] / step, levels)
-            errors[:, i] = (block[:, i] - codes[:, j] * step) / u[j, j]
+            codes[:, j] = nearest_level(block[:, i] / step[:, j], levels)
+            errors[:, i] = (block[:, i] - codes[:, j] * step[:, j]) / u[j, j]
             block[:, i:] -= np.outer(errors[:, i], u[j, j:stop])
         w[:, stop:] -= errors @ u[start:stop, stop:]
     result = np.empty_like(codes)

@@ -7,6 +7,7 @@ the quantized weight is exactly ``codes * scale[:, None]``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,16 +31,30 @@ class QuantizedWeight:
     storage_bits: int
     grid: str = "dorefa"
     """For k-bit codes: "dorefa" (Eq. 6's odd codes) or "integer" (symmetric integers, ``integer_quantize``)."""
+    block: int = 0
+    """Weights per scale along a row (``quantize_rows``'s ``block``): ``scale`` is rows x (row length / block);
+    0: one scale per row, ``scale`` has one entry per row."""
+
+    def entry_scales(self) -> np.ndarray:
+        """The scale of every weight, rows x row length, in float32."""
+        scale = self.scale.astype(np.float32)
+        return np.repeat(scale, self.block, axis=1) if self.block else np.broadcast_to(scale[:, None], self.codes.shape)
 
     def dequantize(self) -> np.ndarray:
         """codes x scale in float32, exactly as DequantizeLinear computes it."""
-        return self.codes.astype(np.float32) * self.scale.astype(np.float32)[:, None]
+        return self.codes.astype(np.float32) * self.entry_scales()
 
     def with_scale(self, scale: np.ndarray) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, np.asarray(scale, dtype=np.float64), self.bits, self.storage_bits, self.grid)
+        return dataclasses.replace(self, scale=np.asarray(scale, dtype=np.float64))
+
+    def scaled(self, factor: np.ndarray) -> QuantizedWeight:
+        """Every scale of row j multiplied by ``factor[j]`` (a per-channel gain: c of Eq. 7, statistics matching)."""
+        return self.with_scale(self.scale * (factor[:, None] if self.block else factor))
 
     def sqnr_db(self, rows: np.ndarray) -> float:
-        """``sqnr_db(rows, self.dequantize())`` in one pass, without forming the dequantized weight."""
+        """``sqnr_db(rows, self.dequantize())``, in one pass without forming the dequantized weight for row scales."""
+        if self.block:
+            return sqnr_db(rows, self.dequantize())
         signal, noise = _signal_and_noise(np.ascontiguousarray(rows), self.codes, self.scale.astype(np.float32))
         return decibels(signal, noise)
 
@@ -189,10 +204,18 @@ def _integer_mse_range(w: np.ndarray, m: np.ndarray, limit: int, per_channel: bo
 
 
 def quantize_rows(rows: np.ndarray, bits: int, per_channel: bool, ternary_threshold: str = "twn",
-                  kbit_range: str = "max", kbit_grid: str = "dorefa", taps: int = 1) -> QuantizedWeight:
+                  kbit_range: str = "max", kbit_grid: str = "dorefa", taps: int = 1, block: int = 0) -> QuantizedWeight:
     """Ternary for 2 bits (Eqs. 3-4, or the optimal threshold); for 3 bits and more DoReFa (Eq. 6) or the
     symmetric integer grid (``integer_quantize``), rounded to keep the sum of every ``taps`` consecutive
-    weights of a row (``kernel_sum_round``; 1: plain rounding)."""
+    weights of a row (``kernel_sum_round``; 1: plain rounding). With ``block`` (which divides the row
+    length) every ``block`` consecutive weights of a row are quantized as a row of their own, with their
+    own scale (block-wise scales, ONNX's ``block_size``); ``per_channel`` then does not apply."""
+    if block:
+        channels, length = rows.shape
+        q = quantize_rows(rows.reshape(channels * length // block, block), bits, True, ternary_threshold,
+                          kbit_range, kbit_grid, taps)
+        return dataclasses.replace(q, codes=q.codes.reshape(channels, length),
+                                   scale=q.scale.reshape(channels, length // block), block=block)
     if bits == 2:
         if ternary_threshold == "optimal":
             return optimal_ternary_quantize(rows, per_channel)

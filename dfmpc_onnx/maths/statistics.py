@@ -51,7 +51,7 @@ def fold_affine(q: QuantizedWeight, bias: np.ndarray | None, a: np.ndarray, m_q:
     The integer codes do not change."""
     b = np.zeros_like(a) if bias is None else bias.astype(np.float64)
     new_bias = a * (b - m_q) + m_f
-    return q.with_scale(q.scale * a), new_bias.astype(np.float32)
+    return q.scaled(a), new_bias.astype(np.float32)
 
 
 def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pads: list[int],
