@@ -12,8 +12,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import Layer, batch_chunk, to_rows, with_outputs
-from .maths.feedback import (RANGE_FRACTIONS, code_levels, feature_covariance, feedback_codes, group_rows,
-                             output_errors, output_fitted, patch_covariance)
+from .maths.feedback import (DAMPING, NOISE_DAMPING, RANGE_FRACTIONS, code_levels, feature_covariance,
+                             feedback_codes, group_rows, output_errors, output_fitted, patch_covariance)
 from .maths.quantizers import QuantizedWeight
 from .options import Plan
 from .plan import QuantizedLayer, quantize_weight_rows
@@ -75,13 +75,15 @@ def fit_codes(graph: gs.Graph, qlayers: dict[str, QuantizedLayer], inputs: np.nd
         return qlayers, None
     covariances = measure_covariances(graph, {name: ql.layer for name, ql in qlayers.items()}, inputs, like)
     progress = console.progress("fit codes", len(covariances), "layers fitted to their inputs")
+    damping = DAMPING if plan.synthetic == "distill" else NOISE_DAMPING
     result = dict(qlayers)
     for name, groups in covariances.items():
         ql = qlayers[name]
         rows = to_rows(ql.layer.weight, ql.layer.out_axis)
         q = _output_fitted(rows, ql.quantized, groups, ql.layer.taps, plan)
         if plan.feedback:
-            codes = np.concatenate([feedback_codes(rows[rows_of], h, q.entry_scales()[rows_of], code_levels(q))
+            scales = q.entry_scales()
+            codes = np.concatenate([feedback_codes(rows[rows_of], h, scales[rows_of], code_levels(q), damping)
                                     for rows_of, h in zip(group_rows(rows.shape[0], len(groups)), groups)])
             q = dataclasses.replace(q, codes=codes.astype(q.codes.dtype))
         result[name] = dataclasses.replace(ql, quantized=q, weight=q)

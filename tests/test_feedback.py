@@ -7,7 +7,7 @@ import pytest
 
 from conftest import chain_model, run_model
 from dfmpc_onnx import quantize
-from dfmpc_onnx.maths.feedback import (RANGE_FRACTIONS, code_levels, feature_covariance, feedback_codes, nearest_level,
+from dfmpc_onnx.maths.feedback import (DAMPING, NOISE_DAMPING, RANGE_FRACTIONS, code_levels, feature_covariance, feedback_codes, nearest_level,
                                        output_errors, output_fitted, patch_covariance)
 from dfmpc_onnx.maths.quantizers import dorefa_quantize, integer_quantize, ternary_quantize
 
@@ -44,6 +44,19 @@ def test_with_uncorrelated_inputs_feedback_is_nearest_rounding():
     h = np.diag(rng.uniform(1, 2, size=20))
     np.testing.assert_array_equal(feedback_codes(rows, h, q.entry_scales(), code_levels(q)),
                                   nearest_level(rows / q.scale[:, None], code_levels(q)))
+
+
+def test_damping_leans_the_feedback_towards_nearest_rounding():
+    """H + lambda mean(diag H) I: the larger lambda, the less error is fed back; without bound, none (the
+    damping for noise inputs, ``NOISE_DAMPING``, sits between GPTQ's and that)."""
+    rng = np.random.default_rng(2)
+    rows = rng.normal(size=(16, 48))
+    h = feature_covariance(correlated_inputs(rng, 400, 48))[0]
+    q = dorefa_quantize(rows, 3, per_channel=True)
+    nearest = nearest_level(rows / q.scale[:, None], code_levels(q))
+    moved = [np.sum(feedback_codes(rows, h, q.entry_scales(), code_levels(q), damping) != nearest)
+             for damping in (DAMPING, NOISE_DAMPING, 1e9)]
+    assert moved[0] > moved[1] > moved[2] == 0
 
 
 @pytest.mark.parametrize("group, stride, pads, dilation", [(1, 1, (1, 1, 1, 1), 1), (2, 2, (0, 1, 2, 0), 1),

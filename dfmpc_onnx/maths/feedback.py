@@ -20,7 +20,11 @@ from .quantizers import QuantizedWeight, kbit_quantize
 from .statistics import im2col
 
 DAMPING = 0.01
-"""Added to H's diagonal, as a fraction of its mean diagonal (GPTQ's default)."""
+"""Added to H's diagonal, as a fraction of its mean diagonal (GPTQ's default, for real or distilled inputs)."""
+NOISE_DAMPING = 0.1
+"""The damping for H measured on noise (pink, dead leaves): a rougher stand-in for the real inputs' covariance,
+so the rounding leans further towards plain rounding (H's diagonal). Measured (README, "Vision transformers"):
+the ViT at 4 bits 26.7 dB against 23.9 with GPTQ's 0.01."""
 BLOCK = 128
 """Columns rounded between two matrix updates of the rest (GPTQ's lazy batch: same result, fewer passes)."""
 RANGE_FRACTIONS = np.linspace(0.4, 1.0, 25)
@@ -46,17 +50,18 @@ def nearest_level(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return np.where(x - below <= above - x, below, above)
 
 
-def feedback_codes(rows: np.ndarray, hessian: np.ndarray, scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
+def feedback_codes(rows: np.ndarray, hessian: np.ndarray, scale: np.ndarray, levels: np.ndarray,
+                   damping: float = DAMPING) -> np.ndarray:
     """Codes for ``rows`` (out x d) on the grid ``levels`` x ``scale`` (one per weight, out x d:
     ``QuantizedWeight.entry_scales``), each column rounded after the errors of the columns before it were
-    fed back through ``hessian`` (d x d, sum of x x^T)."""
+    fed back through ``hessian`` (d x d, sum of x x^T), damped by ``damping`` of its mean diagonal."""
     d = rows.shape[1]
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) <= 0  # inputs that are always zero: any code is as good, round them plainly
     h[dead, dead] = 1.0
     order = np.argsort(-np.diag(h), kind="stable")
     w, h = rows.astype(np.float64)[:, order], h[np.ix_(order, order)]
-    h[np.diag_indices(d)] += DAMPING * np.mean(np.diag(h))
+    h[np.diag_indices(d)] += damping * np.mean(np.diag(h))
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     step = np.where(scale > 0, scale, 1.0).astype(np.float64)[:, order]
     codes = np.empty_like(w)
