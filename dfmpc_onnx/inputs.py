@@ -79,7 +79,8 @@ def model_facts(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> M
     classifier = len(outputs) == 1 and one_class_axis(outputs[0])
     return ModelFacts(has_batchnorm=any(node.op_type == "BatchNormalization" for node in model.graph.node),
                       obstacle=shape if isinstance(shape, str) else None, classifier=classifier,
-                      macs=multiply_accumulates(model), tokens=has_token_layers(model))
+                      macs=multiply_accumulates(model), tokens=has_token_layers(model),
+                      images=not isinstance(shape, str) and len(shape) == 4)
 
 
 def has_token_layers(model: onnx.ModelProto) -> bool:

@@ -394,4 +394,4 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
 def undistilled(facts: ModelFacts) -> str:
     """The synthetic inputs of ``--synthetic auto`` where nothing is distilled: dead leaves for a transformer,
     else pink noise (README, "Vision transformers": measured on a ViT and on EfficientNet-Lite0)."""
-    return "leaves" if facts.tokens else "pink"
+    return "leaves" if facts.tokens and facts.images else "pink"

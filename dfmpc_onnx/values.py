@@ -92,3 +92,6 @@ class ModelFacts:
     tokens: bool = False
     """Some MatMul applies a constant weight at every position of a sequence (an output of rank 3 or more): a
     transformer's linear layers."""
+    images: bool = True
+    """The input is a batch of images (rank 4), which pink noise and dead leaves fill (other inputs get white
+    noise)."""

@@ -132,6 +132,8 @@ def test_auto_resolves_per_model():
     assert (resolve(Options(), cnn).scale_block, resolve(Options(), cnn).synthetic) == (0, "pink")
     assert resolve(Options(scale_block="0", error_feedback="off"), transformer).scale_block == 0
     assert resolve(Options(scale_block=64), cnn).scale_block == 64
+    sequences = ModelFacts(has_batchnorm=False, obstacle=None, tokens=True, images=False)
+    assert resolve(Options(), sequences).synthetic == "pink"  # no images to paint leaves on (white noise, as pink)
 
 
 def test_dead_leaves_are_flat_regions_with_shared_colours_and_repeat_by_seed():
