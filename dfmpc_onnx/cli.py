@@ -58,19 +58,25 @@ def add_option(parser: argparse.ArgumentParser, item: dataclasses.Field) -> None
         settings["nargs"] = "+"
     if cli == "value":
         settings["choices"] = meta["choices"]
-        if meta["parse"] is not None:
-            settings["type"] = meta["parse"]
-        elif item.default is not None and not isinstance(item.default, str):
+        if meta["parse"] is None and item.default is not None and not isinstance(item.default, str):
             settings["type"] = type(item.default)
     parser.add_argument(*flags(item), **settings)
 
 
 def parse_options(args: dict) -> tuple[Options, OutputOptions]:
-    """The parsed flags as ``Options`` and ``OutputOptions`` (validated there; repeatable flags parsed here)."""
+    """The parsed flags as ``Options`` and ``OutputOptions`` (validated there); the text of flags with a parser
+    is parsed here, so that a bad value is an ``InputError`` (one line, exit status 2), not argparse's traceback."""
     for kind in (Options, OutputOptions):
         for item in dataclasses.fields(kind):
-            if item.metadata["cli"] == "repeat" and item.name in args:
-                args[item.name] = tuple(item.metadata["parse"](text) for text in args[item.name])
+            parse, repeat = item.metadata["parse"], item.metadata["cli"] == "repeat"
+            if parse is None or item.name not in args:
+                continue
+            texts = args[item.name] if repeat else [args[item.name]]
+            try:
+                values = tuple(parse(text) for text in texts)
+            except (TypeError, ValueError):
+                raise InputError(f"{flags(item)[0]}: '{', '.join(map(str, texts))}' is not a valid value") from None
+            args[item.name] = values if repeat else values[0]
     output_names = {item.name for item in dataclasses.fields(OutputOptions)}
     output = OutputOptions(**{name: value for name, value in args.items() if name in output_names})
     return Options(**{name: value for name, value in args.items() if name not in output_names}), output

@@ -188,6 +188,10 @@ def test_external_data_inside_folder_loads(tmp_path):
     (["--exclude", "no_such_node"], "no Conv, Gemm or MatMul"),
     (["--placement", "consumer"], "needs --format float"),
     (["--providers", "nonexistent"], "not available"),
+    (["--protect", "abc"], "--protect: 'abc' is not a number"),
+    (["--scale-block", "1"], "--scale-block takes"),
+    (["--target-bits", "x"], "--target-bits: 'x' is not a valid value"),
+    (["--input-shape", "a:b"], "--input-shape: 'a:b'"),
 ])
 def test_bad_options(model_path, tmp_path, args, pattern):
     out = tmp_path / "out.onnx"
