@@ -25,7 +25,7 @@ from .graph import Layer, from_rows
 from .maths.quantizers import decibels
 from .options import WIDTHS, Plan
 from .pairs import Pair, PairSearch
-from .plan import compensated, layer_compensation, quantize_layer, scale_block, scheme_bits
+from .plan import block_grid, compensated, layer_compensation, quantize_layer, scale_block, scheme_bits
 from .progress import Console
 from .sensitivity import Weights, output_probe
 from .storage import shared_constant_bits, stored_weight_bits
@@ -73,7 +73,7 @@ def layer_costs(layers: dict[str, Layer], units: list[Unit], plan: Plan) -> Cost
         rescaled |= {name for name, layer in layers.items() if layer.op == "Conv"}
     blocks = {name: scale_block(layer, plan.scale_block) for name, layer in layers.items()}
     return {name: {b: stored_weight_bits(b, layer.weight.shape, layer.out_axis, name in rescaled or options.per_channel(b),
-                                         plan.storage, "integer" if blocks[name] else plan.grid(b), blocks[name])
+                                         plan.storage, block_grid(blocks[name], plan.grid(b)), blocks[name])
                    for b in WIDTHS}
             for name, layer in layers.items()}
 

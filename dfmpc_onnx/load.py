@@ -258,6 +258,16 @@ def _check_finite_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]
             raise InputError(f"{label}: initializer '{name}' holds NaN or Inf values")
 
 
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constants by the name nodes read them under: its initializers and the value of each
+    Constant node (exporters write weights either way)."""
+    found = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            found.update({node.output[0]: a.t for a in node.attribute if a.name == "value"})
+    return found
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The version of the default ONNX domain that ``model`` imports."""
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

@@ -57,8 +57,14 @@ def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan, taps: int = 1,
     ``block``, a scale per ``block`` weights of a row on the integer grid (``quantize_rows``)."""
     options = plan.options
     return quantize_rows(rows, bits, options.per_channel(bits), plan.ternary_threshold, plan.kbit_range,
-                         "integer" if block else grid or plan.grid(bits),
+                         block_grid(block, grid or plan.grid(bits)),
                          taps if options.kbit_rounding == "kernel-sum" else 1, block)
+
+
+def block_grid(block: int, grid: str) -> str:
+    """The grid of a layer quantized with ``block`` weights per scale (``scale_block``): the symmetric integers
+    in blocks, else ``grid``."""
+    return "integer" if block else grid
 
 
 def scale_block(layer: Layer, block: int) -> int:

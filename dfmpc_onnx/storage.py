@@ -13,7 +13,7 @@ from onnx import numpy_helper, version_converter
 
 from .errors import InputError, first_line
 from .graph import WEIGHTED_OPS
-from .load import default_opset
+from .load import constant_tensors, default_opset
 from .maths.quantizers import QuantizedWeight
 from .options import WIDTHS, Plan
 
@@ -294,8 +294,6 @@ def upgrade_for_storage(skeleton: onnx.ModelProto, plan: Plan, half: bool = Fals
 def has_float32_weights(model: onnx.ModelProto) -> bool:
     """Whether some Conv, Gemm or MatMul of ``model`` reads a float32 initializer or Constant as its weight:
     whether anything will be quantized (``graph.find_layers`` says which)."""
-    constants = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    constants |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"
-                  and any(a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT for a in node.attribute)}
+    constants = {name for name, t in constant_tensors(model).items() if t.data_type == onnx.TensorProto.FLOAT}
     return any(node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in constants
                for node in model.graph.node)

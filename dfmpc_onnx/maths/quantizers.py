@@ -1,8 +1,9 @@
 """Weight quantizers (spec section 2): ternary (Eqs. 3-4) and DoReFa k-bit (Eq. 6).
 
 Both work on a weight laid out as rows, one row per output channel (see
-``graph.to_rows``), and return integer codes and one scale per row, so that
-the quantized weight is exactly ``codes * scale[:, None]``.
+``graph.to_rows``), and return integer codes and one scale per row (or per
+block of a row, ``quantize_rows``), so that the quantized weight is exactly
+``codes * QuantizedWeight.entry_scales()``.
 """
 
 from __future__ import annotations
