@@ -8,6 +8,7 @@ import onnx
 
 from .errors import InputError
 from .fidelity import one_class_axis
+from .load import constant_tensors
 from .options import ModelFacts
 from .runtime import model_session
 
@@ -88,7 +89,7 @@ def has_token_layers(model: onnx.ModelProto) -> bool:
     (batch x tokens x features): a linear layer applied at every token, as transformers have."""
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*model.graph.value_info, *model.graph.output]
              if v.type.tensor_type.HasField("shape")}
-    weights = {t.name: len(t.dims) for t in model.graph.initializer}
+    weights = {name: len(t.dims) for name, t in constant_tensors(model).items()}
     return any(node.op_type == "MatMul" and len(node.input) == 2 and weights.get(node.input[1]) == 2
                and ranks.get(node.output[0], 0) >= 3 for node in model.graph.node)
 

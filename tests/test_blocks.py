@@ -89,6 +89,18 @@ def test_a_transformer_gets_block_scales_that_both_runtimes_run(storage):
         np.testing.assert_allclose(openvino_outputs(qdq, x), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
+def test_a_transformer_whose_weights_are_constant_nodes_is_one_too():
+    """Exporters write weights as initializers or as Constant nodes: both are MatMuls over tokens."""
+    model = attention_model(tokens=4, width=64)
+    weights = [t for t in model.graph.initializer if len(t.dims) == 2]
+    for tensor in weights:
+        model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [tensor.name], value=tensor))
+        model.graph.initializer.remove(tensor)
+    qdq, report = quantize(model, "4", refine="none", protect="off", check=False, samples=8)
+    assert any("a scale per 32 weights" in note for note in report.notes)
+    assert len(_block_attrs(qdq)) == 6
+
+
 def test_a_1x1_conv_takes_blocks_along_its_input_channels_and_the_budget_counts_them():
     from dfmpc_onnx.report import stored_bits_per_weight
 
