@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .values import ModelFacts, Scheme, parse_input_shape, parse_input_shapes, parse_protect, parse_scale_block
+from .values import (ModelFacts, Scheme, parse_input_shape, parse_input_shapes, parse_protect, parse_scale_block,
+                     undistilled)
 
 WIDTHS = (2, 4, 6, 8)
 """The bit widths ``--target-bits`` chooses from (3 and 5 bits are stored in 4 and 6, so never cheaper)."""
@@ -109,11 +110,11 @@ class Options:
                             choices=("producer", "consumer"))
     refine: str = option("auto", "after compensation, data-free: stats matches each quantized conv's per-channel "
                                  "output mean and variance (a transformer MatMul's per feature over the tokens) to "
-                                 "the float model's on synthetic inputs; refit first "
-                                 "re-solves each pair consumer by least squares on them; bias subtracts the expected "
-                                 "output error from BatchNorm statistics; none is the paper alone. auto: refit on "
-                                 "distilled inputs, stats on noise (dropped if it does not also hold on white and "
-                                 "low-contrast noise), none with --placement consumer",
+                                 "the float model's on synthetic inputs (on noise, a k-bit layer's mean only); "
+                                 "refit first re-solves each pair consumer by least squares on them; bias subtracts "
+                                 "the expected output error from BatchNorm statistics; none is the paper alone. "
+                                 "auto: refit on distilled inputs, stats on noise (dropped if it does not also hold "
+                                 "on white and low-contrast noise), none with --placement consumer",
                          choices=("auto", "none", "bias", "stats", "refit"))
     synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise, white noise, dead leaves (disks of random "
                                     "colour, one over another), or pink noise optimised so that the model's BatchNorm "
@@ -318,6 +319,12 @@ class Plan:
             return ("integer",)
         return ("dorefa", "integer") if self.options.kbit_grid == "auto" else (self.options.kbit_grid,)
 
+    def matches_variance(self, bits: int) -> bool:
+        """Whether statistics matching rescales a layer at ``bits`` to the float model's variance, not only its
+        mean: on noise only ternary layers, whose alpha (Eq. 4) biases every channel's gain on any input (README,
+        "Models without BatchNorm statistics")."""
+        return self.synthetic == "distill" or bits == 2
+
     @property
     def fits_output(self) -> bool:
         """Whether the k-bit grids or ranges are chosen by output error on the synthetic inputs (``fit_codes``)."""
@@ -389,9 +396,3 @@ def resolve(options: Options, facts: ModelFacts) -> Plan:
         decisions += [f"transformer (MatMuls over tokens): {', '.join(auto)}"] * bool(auto)
     return Plan(options, facts, scheme, synthetic if wanted else None, refine, ternary_threshold, storage,
                 protecting, feeding, block, tuple(decisions))
-
-
-def undistilled(facts: ModelFacts) -> str:
-    """The synthetic inputs of ``--synthetic auto`` where nothing is distilled: dead leaves for a transformer,
-    else pink noise (README, "Vision transformers": measured on a ViT and on EfficientNet-Lite0)."""
-    return "leaves" if facts.tokens and facts.images else "pink"

@@ -11,7 +11,9 @@ m_q, v_q the quantized model's (measured after every earlier conv was corrected)
 
 folded into the conv: W_j <- a_j W_j (the per-channel scale of the integer codes),
 b_j <- a_j (b_j - m_q) + m_f, a_j = sqrt(v_f / v_q). The integer codes never change, so every layer
-stays on its grid.
+stays on its grid. On noise inputs a k-bit layer keeps a_j = 1, only its means shifted
+(``Plan.matches_variance``): how its error changes the variance depends on the inputs' spectrum, which
+noise does not share with real inputs.
 """
 
 from __future__ import annotations
@@ -132,8 +134,8 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
         if name in fittable:
             qlayers[name] = _refit(qlayers[name], quantized_values[conv_inputs[name]], float_values[output], plan)
             quantized_values.update(segments.run(index, quantized_values, quantized_feed(index)))
-        qlayers[name], quantized_values[output] = _matched(qlayers[name], float_values[output],
-                                                           quantized_values[output])
+        qlayers[name], quantized_values[output] = _matched(qlayers[name], float_values[output], quantized_values[output],
+                                                           plan.matches_variance(qlayers[name].weight.bits))
         for values, cut in ((float_values, float_segments), (quantized_values, segments)):
             for dead in cut.last_used_by[index]:
                 values.pop(dead, None)
@@ -141,17 +143,17 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
     return qlayers
 
 
-def _matched(ql: QuantizedLayer, float_output: list[np.ndarray],
-             quantized_output: list[np.ndarray]) -> tuple[QuantizedLayer, list[np.ndarray]]:
-    """The layer with its output's per-channel mean and variance matched to the float model's (the affine
-    map folded into its scales and bias), and its output as corrected; as it is where ``_feature_axis``
-    says its statistics are not matched."""
+def _matched(ql: QuantizedLayer, float_output: list[np.ndarray], quantized_output: list[np.ndarray],
+             variance: bool = True) -> tuple[QuantizedLayer, list[np.ndarray]]:
+    """The layer with its output's per-channel mean, and with ``variance`` its variance, matched to the float
+    model's (the affine map folded into its scales and bias), and its output as corrected; as it is where
+    ``_feature_axis`` says its statistics are not matched."""
     axis = _feature_axis(ql.layer, float_output[0])
     if axis is None:
         return ql, quantized_output
     m_f, v_f = channel_statistics(float_output, axis)
     m_q, v_q = channel_statistics(quantized_output, axis)
-    a = channel_affine(m_f, v_f, m_q, v_q)
+    a = channel_affine(m_f, v_f, m_q, v_q) if variance else np.ones_like(m_f)
     weight, bias = fold_affine(ql.weight, ql.bias, a, m_q, m_f)
     return (dataclasses.replace(ql, weight=weight, bias=bias),
             [apply_affine(values, a, m_q, m_f, axis) for values in quantized_output])

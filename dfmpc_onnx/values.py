@@ -95,3 +95,9 @@ class ModelFacts:
     images: bool = True
     """The input is a batch of images (rank 4), which pink noise and dead leaves fill (other inputs get white
     noise)."""
+
+
+def undistilled(facts: ModelFacts) -> str:
+    """The synthetic inputs of ``--synthetic auto`` where nothing is distilled: dead leaves for a transformer,
+    else pink noise (README, "Vision transformers": measured on a ViT and on EfficientNet-Lite0)."""
+    return "leaves" if facts.tokens and facts.images else "pink"

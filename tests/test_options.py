@@ -192,3 +192,13 @@ def test_input_shapes_from_python_take_the_command_line_text_too():
     for bad in ([(None, "abc")], 5, "1,a"):
         with pytest.raises(InputError, match="input"):
             Options(input_shapes=bad)
+
+
+@pytest.mark.parametrize("synthetic, bits, expected", [("distill", 4, True), ("distill", 2, True), ("pink", 4, False),
+                                                       ("leaves", 6, False), ("noise", 8, False), ("pink", 2, True)])
+def test_matching_rescales_variance_on_distilled_inputs_and_ternary_layers(synthetic, bits, expected):
+    """On noise, statistics matching shifts a k-bit layer's means only; ternary layers and distilled inputs
+    get the variance too (``Plan.matches_variance``)."""
+    plan = resolve(Options(synthetic=synthetic), ModelFacts(has_batchnorm=True, obstacle=None))
+    assert plan.refine == ("refit" if synthetic == "distill" else "stats")
+    assert plan.matches_variance(bits) is expected

@@ -40,11 +40,31 @@ def test_matched_model_has_the_float_statistics_on_the_synthetic_inputs(make):
     want = _stats_over(_folded(model), inputs)
     got = _stats_over(refined, inputs)
     before = _stats_over(plain, inputs)
+    bits = {layer.name: layer.bits for layer in report.layers}
+    assert {bits[name] for name in got} == {2, 6}
     for name in got:
         np.testing.assert_allclose(got[name][0], want[name][0], atol=1e-3 * (1 + np.abs(want[name][0]).max()))
-        np.testing.assert_allclose(got[name][1], want[name][1], rtol=1e-3, atol=1e-6)
-    assert any(not np.allclose(before[n][1], want[n][1], rtol=1e-2) for n in want)
+        if bits[name] == 2:  # on noise only ternary layers are rescaled to the float variance (Plan.matches_variance)
+            np.testing.assert_allclose(got[name][1], want[name][1], rtol=1e-3, atol=1e-6)
+    assert any(not np.allclose(before[n][1], want[n][1], rtol=1e-2) for n in want if bits[n] == 2)
     assert report.refine == "stats" and report.samples == samples
+
+
+def test_matching_on_noise_keeps_the_variance_of_kbit_layers():
+    """On noise a k-bit layer's mean is matched and its variance left as the quantized weights give it: the
+    matched model's conv outputs are the unmatched model's shifted per channel (``Plan.matches_variance``)."""
+    model = chain_model()
+    options = dict(refine="stats", synthetic="pink", samples=16, seed=7, check=False, keep_first=False,
+                   input_mean="0", input_std="1", storage="portable", protect="off")
+    matched, _ = quantize(model, "6", **options)
+    plain, _ = quantize(model, "6", **{**options, "refine": "none"})
+    inputs = synthetic_batch([1, 3, 8, 8], "pink", 16, 7)
+    want, got, before = (_stats_over(m, inputs) for m in (_folded(model), matched, plain))
+    first = next(iter(got))  # the first conv sees the same inputs in both: its variance is the unmatched one
+    np.testing.assert_allclose(got[first][1], before[first][1], rtol=1e-4, atol=1e-7)
+    assert not np.allclose(before[first][0], want[first][0], atol=1e-4)
+    for name in got:
+        np.testing.assert_allclose(got[name][0], want[name][0], atol=1e-3 * (1 + np.abs(want[name][0]).max()))
 
 
 def _folded(model):
@@ -188,9 +208,10 @@ def test_the_last_layer_is_not_matched_under_keep_last():
     x = g.node("Relu", [g.conv(x, 8, 8, name="middle")])
     model = g.model(g.conv(x, 8, 2, name="last"))  # a dense output: a map per channel
     options = dict(synthetic="pink", samples=8, check=False, keep_first=False, protect="off")
-    plain = dequantized_weights(quantize(model, "4", refine="none", **options)[0])
-    kept = dequantized_weights(quantize(model, "4", refine="stats", **options)[0])
-    matched = dequantized_weights(quantize(model, "4", refine="stats", keep_last=False, **options)[0])
+    # ternary: on noise the matching rescales their weights (a k-bit layer's only takes a mean shift, in its bias)
+    plain = dequantized_weights(quantize(model, "2", refine="none", **options)[0])
+    kept = dequantized_weights(quantize(model, "2", refine="stats", **options)[0])
+    matched = dequantized_weights(quantize(model, "2", refine="stats", keep_last=False, **options)[0])
     np.testing.assert_array_equal(kept["last"], plain["last"])
     assert not np.allclose(matched["last"], plain["last"])
     assert not np.allclose(kept["middle"], plain["middle"])
@@ -217,8 +238,9 @@ def test_a_matmul_over_tokens_is_matched_per_feature():
         i == m.output[0] for m in model.graph.node if m.name == "fc1" for i in n.input))
     inputs = np.random.default_rng(3).normal(size=(16, 4, 8)).astype(np.float32)
     options = dict(synthetic_inputs=inputs, check=False, protect="off", format="float")  # the weights as matched
-    refined, report = quantize(model, "4", refine="stats", **options)
-    plain, _ = quantize(model, "4", refine="none", **options)
+    # ternary, so that the variance is matched too on these (noise) inputs (``Plan.matches_variance``)
+    refined, report = quantize(model, "2", refine="stats", **options)
+    plain, _ = quantize(model, "2", refine="none", **options)
     want, got, before = (_feature_stats(m, inputs, fc1_add.output[0]) for m in (model, refined, plain))
     np.testing.assert_allclose(got[0], want[0], atol=1e-4 * (1 + np.abs(want[0]).max()))
     np.testing.assert_allclose(got[1], want[1], rtol=1e-3)

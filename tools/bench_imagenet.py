@@ -51,6 +51,9 @@ VARIANTS = {  # further rows, on request (--variants)
     "rounding-integer": ("plain rounding, symmetric integers per channel", ROUNDING_OPTIONS),
     "nearest": ("--kbit-rounding nearest, default refinement", dict(kbit_rounding="nearest")),
     "feedback": ("--error-feedback on, default refinement", dict(error_feedback="on")),
+    "pink": ("--synthetic pink", dict(synthetic="pink")),
+    "leaves": ("--synthetic leaves", dict(synthetic="leaves")),
+    "leaves-feedback": ("--synthetic leaves --error-feedback on", dict(synthetic="leaves", error_feedback="on")),
 }
 
 
