@@ -134,8 +134,9 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
         if name in fittable:
             qlayers[name] = _refit(qlayers[name], quantized_values[conv_inputs[name]], float_values[output], plan)
             quantized_values.update(segments.run(index, quantized_values, quantized_feed(index)))
-        qlayers[name], quantized_values[output] = _matched(qlayers[name], float_values[output], quantized_values[output],
-                                                           plan.matches_variance(qlayers[name].weight.bits))
+        variance = plan.matches_variance(qlayers[name].weight.bits)
+        qlayers[name], quantized_values[output] = _matched(qlayers[name], float_values[output],
+                                                           quantized_values[output], variance)
         for values, cut in ((float_values, float_segments), (quantized_values, segments)):
             for dead in cut.last_used_by[index]:
                 values.pop(dead, None)

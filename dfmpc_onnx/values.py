@@ -99,5 +99,6 @@ class ModelFacts:
 
 def undistilled(facts: ModelFacts) -> str:
     """The synthetic inputs of ``--synthetic auto`` where nothing is distilled: dead leaves for a transformer,
-    else pink noise (README, "Vision transformers": measured on a ViT and on EfficientNet-Lite0)."""
+    else pink noise (README, "Vision transformers" and "Models without BatchNorm statistics": dead leaves lost
+    on EfficientNet-Lite1/2 and the SqueezeNet)."""
     return "leaves" if facts.tokens and facts.images else "pink"
