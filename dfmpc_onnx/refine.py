@@ -145,7 +145,7 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
 
 
 def _matched(ql: QuantizedLayer, float_output: list[np.ndarray], quantized_output: list[np.ndarray],
-             variance: bool = True) -> tuple[QuantizedLayer, list[np.ndarray]]:
+             variance: bool) -> tuple[QuantizedLayer, list[np.ndarray]]:
     """The layer with its output's per-channel mean, and with ``variance`` its variance, matched to the float
     model's (the affine map folded into its scales and bias), and its output as corrected; as it is where
     ``_feature_axis`` says its statistics are not matched."""

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import chain_model, run_model
 from dfmpc_onnx import quantize
-from dfmpc_onnx.maths.feedback import (DAMPING, NOISE_DAMPING, RANGE_FRACTIONS, code_levels, feature_covariance, feedback_codes, nearest_level,
-                                       output_errors, output_fitted, patch_covariance)
+from dfmpc_onnx.maths.feedback import (DAMPING, NOISE_DAMPING, RANGE_FRACTIONS, code_levels, feature_covariance,
+                                       feedback_codes, nearest_level, output_errors, output_fitted, patch_covariance)
 from dfmpc_onnx.maths.quantizers import dorefa_quantize, integer_quantize, ternary_quantize
 
 
