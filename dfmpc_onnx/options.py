@@ -116,8 +116,9 @@ class Options:
                                  "auto: refit on distilled inputs, stats on noise (dropped if it does not also hold "
                                  "on white and low-contrast noise), none with --placement consumer",
                          choices=("auto", "none", "bias", "stats", "refit"))
-    synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise, white noise, dead leaves (disks of random "
-                                    "colour, one over another), or pink noise optimised so that the model's BatchNorm "
+    synthetic: str = option("auto", "synthetic inputs: 1/f^2 pink noise (each image its own contrast and mean "
+                                    "colour), white noise, dead leaves (disks of random colour, one over another), or "
+                                    "pink noise optimised so that the model's BatchNorm "
                                     "layers see their running statistics, or, in a classifier without BatchNorm, so "
                                     "that each is classified as a chosen class under image priors (run by "
                                     "onnxruntime, on --providers). auto: distill when the model has BatchNorm "

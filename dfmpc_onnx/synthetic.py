@@ -14,7 +14,7 @@ from .fidelity import run_batches
 from .graph import import_graph
 from .inputs import synthesis_shape
 from .load import with_weights
-from .maths.noise import noise_batch
+from .maths.noise import noise_batch, photographic_spread
 from .options import SYNTHETIC_KINDS, Options, Plan
 from .progress import Console
 from .runtime import model_session, resolve_providers
@@ -61,9 +61,12 @@ def make_synthetic_inputs(skeleton: onnx.ModelProto, weights: dict[str, np.ndarr
 def synthesize(skeleton: onnx.ModelProto, weights: dict[str, np.ndarray], shape: list, kind: str, options: Options,
                domain: InputDomain, console: Console | None = None, providers: list[str] | None = None) -> np.ndarray:
     """``options.samples`` seeded inputs of ``shape`` (static after the batch dim) in ``domain``: "noise",
-    "pink" or "distill" (from pink noise; it runs the whole float model, so the weights go back in)."""
-    start = domain.apply(standard_noise(shape, "pink" if kind == "distill" else kind, options.samples, options.seed,
-                                        domain.channel_axis))
+    "leaves", "pink" (images, each with its own contrast and mean colour: ``maths.photographic_spread``) or
+    "distill" (from plain pink noise; it runs the whole float model, so the weights go back in)."""
+    z = standard_noise(shape, "pink" if kind == "distill" else kind, options.samples, options.seed, domain.channel_axis)
+    if kind == "pink" and len(shape) == 4:
+        z = photographic_spread(z, np.random.default_rng((options.seed, 1)), domain.channel_axis)
+    start = domain.apply(z)
     if kind != "distill":
         return start
     return distill_inputs(with_weights(skeleton, weights), start, options.seed, console=console, providers=providers,

@@ -6,11 +6,14 @@ import pytest
 
 from conftest import chain_model, residual_model, run_model
 from dfmpc_onnx import quantize
+from dfmpc_onnx.domain import unit_domain
 from dfmpc_onnx.fold import fold_batchnorm
 from dfmpc_onnx.graph import import_graph
 from dfmpc_onnx.load import load_whole_model
 from dfmpc_onnx.maths.statistics import channel_affine
-from dfmpc_onnx.maths.noise import noise_batch as synthetic_batch, pink_noise
+from dfmpc_onnx.maths.noise import noise_batch as synthetic_batch, photographic_spread, pink_noise
+from dfmpc_onnx.options import Options
+from dfmpc_onnx.synthetic import synthesize
 
 
 def conv_output_stats(model, inputs):
@@ -27,6 +30,11 @@ def conv_output_stats(model, inputs):
     return stats
 
 
+def _pink_inputs(samples: int, seed: int) -> np.ndarray:
+    """The pink-noise inputs the tool makes for the tiny models at unit scale (``synthetic.synthesize``)."""
+    return synthesize(None, {}, [1, 3, 8, 8], "pink", Options(samples=samples, seed=seed), unit_domain(3, "test"))
+
+
 @pytest.mark.parametrize("make", [chain_model, residual_model])
 def test_matched_model_has_the_float_statistics_on_the_synthetic_inputs(make):
     model = make()
@@ -36,7 +44,7 @@ def test_matched_model_has_the_float_statistics_on_the_synthetic_inputs(make):
                                storage="portable")  # float32 scales, as matched
     plain, _ = quantize(model, "2/6", refine="none", check=False, keep_first=False)
     # the inputs the tool used (unit scale, as asked); the tiny models have batch dim 1, so it ran them one at a time
-    inputs = synthetic_batch([1, 3, 8, 8], "pink", samples, seed)
+    inputs = _pink_inputs(samples, seed)
     want = _stats_over(_folded(model), inputs)
     got = _stats_over(refined, inputs)
     before = _stats_over(plain, inputs)
@@ -58,7 +66,7 @@ def test_matching_on_noise_keeps_the_variance_of_kbit_layers():
                    input_mean="0", input_std="1", storage="portable", protect="off")
     matched, _ = quantize(model, "6", **options)
     plain, _ = quantize(model, "6", **{**options, "refine": "none"})
-    inputs = synthetic_batch([1, 3, 8, 8], "pink", 16, 7)
+    inputs = _pink_inputs(16, 7)
     want, got, before = (_stats_over(m, inputs) for m in (_folded(model), matched, plain))
     first = next(iter(got))  # the first conv sees the same inputs in both: its variance is the unmatched one
     np.testing.assert_allclose(got[first][1], before[first][1], rtol=1e-4, atol=1e-7)
@@ -100,6 +108,27 @@ def test_pink_noise_spectrum_and_standardisation():
     high = power[..., (f > 0.2) & (f < 0.5)].mean()
     slope = np.log(high / low) / np.log(0.3 / 0.035)
     assert -2.6 < slope < -1.4
+
+
+def test_photographic_spread_gives_each_image_its_contrast_and_mean_colour():
+    z = pink_noise((400, 3, 8, 8), np.random.default_rng(0))
+    x = photographic_spread(z, np.random.default_rng(1))
+    np.testing.assert_array_equal(x, photographic_spread(z, np.random.default_rng(1)))
+    contrast = x.std(axis=(2, 3)).mean(axis=1)
+    assert np.percentile(contrast, 90) > 5 * np.percentile(contrast, 10)  # log-normal: hazy to harsh
+    means = x.mean(axis=(2, 3))
+    assert np.corrcoef(means[:, 0], means[:, 1])[0, 1] > 0.5  # a colour's channels move together
+    np.testing.assert_allclose(np.mean(x**2, axis=(0, 2, 3)), 1.0, atol=0.35)  # the domain's std over the batch
+    nhwc = photographic_spread(z.transpose(0, 2, 3, 1), np.random.default_rng(1), channel_axis=3)
+    np.testing.assert_allclose(nhwc, x.transpose(0, 2, 3, 1), rtol=1e-6)
+
+
+def test_pink_inputs_spread_and_other_kinds_stay_standardised():
+    options, domain, shape = Options(samples=64), unit_domain(3, "test"), [1, 3, 16, 16]
+    pink = synthesize(None, {}, shape, "pink", options, domain)
+    white = synthesize(None, {}, shape, "noise", options, domain)
+    assert np.ptp(np.log(pink.std(axis=(1, 2, 3)))) > 2.0
+    assert np.ptp(np.log(white.std(axis=(1, 2, 3)))) < 0.5
 
 
 def test_synthetic_batch_is_seeded():

@@ -5,6 +5,8 @@ noise with that spectrum drives a CNN's channels much closer to their real
 statistics than white noise does. Dead leaves (occluding disks) have that
 spectrum too, and also what Gaussian noise of any spectrum lacks: flat
 regions bounded by sharp edges, and colours shared across the channels.
+Photographs also differ from one another in contrast and mean colour,
+which noise standardised image by image lacks (``photographic_spread``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ LEAF_RADII = (0.02, 0.02 / np.sqrt(0.02))
 """The smallest and largest disk radius, as fractions of the image side (1/50 and about 1/7)."""
 LEAF_LUMINANCE = 0.8
 """The share of a colour's variance common to all channels (a natural colour's channels move together)."""
+CONTRAST_SPREAD = 1.0
+"""The standard deviation of the log of an image's contrast (log-normal: photographs range from hazy to harsh)."""
+MEAN_SPREAD = 0.5
+"""The standard deviation of an image's mean colour per channel, before ``photographic_spread`` rescales."""
 
 
 def pink_noise(shape: tuple[int, ...], rng: np.random.Generator, beta: float = PINK_BETA) -> np.ndarray:
@@ -65,6 +71,21 @@ def _leaf_colours(rng: np.random.Generator, count: int, channels: int) -> np.nda
     shared = rng.standard_normal((count, 1))
     own = rng.standard_normal((count, channels))
     return np.sqrt(LEAF_LUMINANCE) * shared + np.sqrt(1.0 - LEAF_LUMINANCE) * own
+
+
+def photographic_spread(images: np.ndarray, rng: np.random.Generator, channel_axis: int = 1) -> np.ndarray:
+    """Standardised ``images`` (N, ..., channels on ``channel_axis``) each given its own contrast s and mean
+    colour m, as photographs have: x <- (s z + m) / sqrt(E[s^2] + E[m^2]), log s normal with standard
+    deviation ``CONTRAST_SPREAD``, m normal with ``MEAN_SPREAD`` per channel (``LEAF_LUMINANCE`` of it shared
+    by the channels), so that the batch keeps unit variance per channel in expectation. An input domain's
+    std is a whole data set's, most of an image's pixels lie closer to its own mean, and images differ in
+    how far: a model's channel statistics on such a batch mix every contrast, as on real inputs."""
+    z = np.moveaxis(images, channel_axis, 1)
+    count, channels, ones = z.shape[0], z.shape[1], (1,) * (z.ndim - 2)
+    contrast = np.exp(CONTRAST_SPREAD * rng.standard_normal((count, 1) + ones))
+    mean = MEAN_SPREAD * _leaf_colours(rng, count, channels).reshape((count, channels) + ones)
+    spread = (z * contrast + mean) / np.sqrt(np.exp(2 * CONTRAST_SPREAD**2) + MEAN_SPREAD**2)
+    return np.moveaxis(spread, 1, channel_axis).astype(np.float32)
 
 
 def white_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
