@@ -5,7 +5,10 @@ choice is made by inference alone: each unit (a consumer with its pair
 producers, or an unpaired layer) is quantized at each of its options on
 its own, the rest of the model float, and how far it moves the output on the
 synthetic inputs is measured (``sensitivity.OutputProbe.damage``: the KL
-divergence of a classifier's softmax, else the output noise). Treating the
+divergence of a classifier's softmax, else the output noise). Where the
+refinement will match channel means, each layer's mean shift on the probe's
+inputs is taken out of its bias first: what the probe then measures is the
+error the refinement leaves (``UnitWeights``). Treating the
 damages as additive, a greedy search starts every unit at its widest option
 and repeatedly takes the narrowing that costs the least damage per stored bit
 saved, until the average stored bits per weight reach the budget. A
@@ -25,9 +28,11 @@ from .graph import Layer, from_rows
 from .maths.quantizers import decibels
 from .options import WIDTHS, Plan
 from .pairs import Pair, PairSearch
-from .plan import block_grid, compensated, layer_compensation, quantize_layer, scale_block, scheme_bits
+from .plan import (block_grid, compensated, layer_compensation, output_shift, quantize_layer, scale_block,
+                   scheme_bits)
 from .progress import Console
-from .sensitivity import Weights, output_probe
+from .refine import MATCHING
+from .sensitivity import Weights, input_means, output_probe
 from .storage import shared_constant_bits, stored_weight_bits
 
 
@@ -173,11 +178,14 @@ def _refill(units: list[Unit], costs: Costs, damage: dict[tuple[int, tuple[int, 
 
 
 class UnitWeights:
-    """Each unit's layers at a width as they would compute with the paper's compensation and no refinement
-    (c on each producer), cached per (layer, bits)."""
+    """Each unit's layers at a width as they would compute with the paper's compensation (c on each
+    producer), cached per (layer, bits). Given ``input_means`` (layer -> the mean of each input channel on the
+    probe's inputs), every layer also has its bias corrected by its output's mean shift (``plan.output_shift``;
+    from c times the float output on a producer), as the refinement's mean matching will correct it; else
+    no refinement."""
 
-    def __init__(self, layers: dict[str, Layer], plan: Plan):
-        self.layers, self.plan = layers, plan
+    def __init__(self, layers: dict[str, Layer], plan: Plan, input_means: dict[str, np.ndarray] | None = None):
+        self.layers, self.plan, self.input_means = layers, plan, input_means or {}
         self.cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None]] = {}
 
     def layer(self, name: str, b: int, with_c: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -187,8 +195,22 @@ class UnitWeights:
             q = quantize_layer(layer, b, self.plan)
             c = layer_compensation(layer, q, self.plan.options) if with_c and self.plan.options.compensate else None
             q, bias = compensated(q, layer.bias, c)
-            self.cache[name, b, with_c] = (from_rows(q.dequantize(), layer.weight.shape, layer.out_axis), bias)
+            weight = from_rows(q.dequantize(), layer.weight.shape, layer.out_axis)
+            shift = self._shift(layer, weight, c) if name in self.input_means else None
+            if shift is not None:
+                bias = ((0.0 if bias is None else bias.astype(np.float64)) - shift).astype(np.float32)
+            self.cache[name, b, with_c] = (weight, bias)
         return self.cache[name, b, with_c]
+
+    def _shift(self, layer: Layer, weight: np.ndarray, c: np.ndarray | None) -> np.ndarray | None:
+        """The mean shift of ``layer``'s output with ``weight`` from the float output, times c where c is on it
+        (a producer's output is meant to be c times the float one)."""
+        if c is None:
+            return output_shift(layer, weight, self.input_means[layer.name])
+        along = [1] * weight.ndim
+        along[layer.out_axis] = -1
+        shift = output_shift(layer, weight / np.where(c == 0, 1.0, c).reshape(along), self.input_means[layer.name])
+        return None if shift is None else c * shift
 
     def unit(self, unit: Unit, option: tuple[int, int]) -> Weights:
         """Every layer of ``unit`` at ``option`` (producer bits, consumer bits)."""
@@ -264,14 +286,16 @@ def _protection_note(protection: list[Protection], plan: Plan) -> str:
 def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], pairs: tuple[Pair, ...],
                   inputs: np.ndarray, plan: Plan, console: Console) -> tuple[dict[str, int], str]:
     """``--target-bits``: bits per layer from ``knapsack_allocation`` or ``greedy_allocation``, each unit's
-    damage measured alone (the paper's compensation, no refinement) on ``inputs``; both choices and every uniform
+    damage measured alone (the paper's compensation, the mean shift taken out where the refinement matches
+    means, ``UnitWeights``) on ``inputs``; both choices and every uniform
     width that fits the budget are then measured together, all units at once, and the one with the least
     damage is kept (the damages of units do not simply add: a greedy choice that looked cheap can cost more
     than one width for all). Also a note giving the allocation."""
     units = make_units(list(layers), pairs)
     sizes = {name: int(layer.weight.size) for name, layer in layers.items()}
     probe = output_probe(graph, layers, inputs, like)
-    weights = UnitWeights(layers, plan)
+    means = input_means(graph, like, layers, inputs) if plan.refine in MATCHING else None
+    weights = UnitWeights(layers, plan, means)
     damage = {}
     progress = console.progress("target bits", len(units), "units measured at each width")
     for i, unit in enumerate(units):

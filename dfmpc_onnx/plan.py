@@ -10,6 +10,7 @@ import numpy as np
 
 from .graph import Layer, from_rows, to_rows
 from .maths.compensation import solve_compensation
+from .maths.statistics import expected_output_error
 from .maths.quantizers import QuantizedWeight, quantize_rows
 from .options import Options, Plan, Scheme
 from .pairs import PairSearch
@@ -114,3 +115,14 @@ def compensate_layers(qlayers: dict[str, QuantizedLayer], options: Options) -> d
             weight, bias = compensated(ql.quantized, ql.layer.bias, c)
             result[name] = dataclasses.replace(ql, compensation=c, weight=weight, bias=bias)
     return result
+
+
+def output_shift(layer: Layer, weight: np.ndarray, input_mean: np.ndarray) -> np.ndarray | None:
+    """How far ``weight`` (``layer``'s, in the graph's layout) moves the mean of each output channel from the
+    float layer's, given the mean of each input channel (spec section 4: sum_m (sum over the kernel of
+    (What - W)[j, m]) E[A_m]); None where the input features do not map onto the channels of the mean."""
+    if layer.group is not None and input_mean.size != layer.in_channels:
+        return None
+    error = weight.astype(np.float64) - layer.weight
+    return expected_output_error(error if layer.group is not None or layer.out_axis == 0 else error.T, input_mean,
+                                 layer.group)

@@ -28,10 +28,9 @@ from .activations import with_quantized_activations
 from .errors import InternalError
 from .graph import Layer, batch_chunk, from_rows, weight_feed
 from .maths.batchnorm import relu_mean
-from .maths.statistics import (apply_affine, channel_affine, channel_statistics, expected_output_error,
-                               fold_affine, ridge_refit)
+from .maths.statistics import apply_affine, channel_affine, channel_statistics, fold_affine, ridge_refit
 from .options import Plan
-from .plan import QuantizedLayer, quantize_weight_rows
+from .plan import QuantizedLayer, output_shift, quantize_weight_rows
 from .progress import Console
 from .segments import Segments
 from .sensitivity import output_probe
@@ -195,11 +194,9 @@ def correct_biases(qlayers: QLayers, preactivation: dict[str, tuple[np.ndarray, 
     for name, ql in qlayers.items():
         layer = ql.layer
         mean = expected_input(layer.node, preactivation)
-        if mean is None or (layer.group is not None and mean.size != layer.in_channels):
+        if mean is None:
             continue
-        error = from_rows(ql.weight.dequantize().astype(np.float64), layer.weight.shape, layer.out_axis) - layer.weight
-        shift = expected_output_error(error if layer.group is not None or layer.out_axis == 0 else error.T, mean,
-                                      layer.group)
+        shift = output_shift(layer, from_rows(ql.weight.dequantize(), layer.weight.shape, layer.out_axis), mean)
         if shift is not None:
             base = np.zeros(layer.out_channels) if ql.bias is None else ql.bias.astype(np.float64)
             corrected[name] = dataclasses.replace(ql, bias=(base - shift).astype(np.float32))

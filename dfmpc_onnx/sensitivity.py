@@ -26,13 +26,31 @@ Weights = dict[str, tuple[np.ndarray, np.ndarray | None]]
 """Layer name -> (weight in the graph's layout, bias or None)."""
 
 
-def activation_statistics(graph: gs.Graph, like: onnx.ModelProto, inputs: np.ndarray,
-                          names: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-channel mean and variance of the named tensors of ``graph`` (float) over ``inputs``."""
+def activation_statistics(graph: gs.Graph, like: onnx.ModelProto, inputs: np.ndarray, names: list[str],
+                          axes: list[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and variance of the named tensors of ``graph`` (float) over ``inputs``, the channels
+    on ``axes`` (one per name; 1 for all by default)."""
     session = graph_session(with_outputs(graph, names), like, "activation statistics")
     with own_graph("activation statistics"):
         chunks = run_in_chunks(session, names, session.get_inputs()[0].name, inputs, batch_chunk(graph))
-    return [channel_statistics([outputs[i] for outputs in chunks]) for i in range(len(names))]
+    axes = axes or [1] * len(names)
+    return [channel_statistics([outputs[i] for outputs in chunks], axes[i]) for i in range(len(names))]
+
+
+def input_means(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer],
+                inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Layer name -> the mean of each channel of its input over ``inputs`` (float graph): a Conv's channels
+    on axis 1, a Gemm's or MatMul's features on the last."""
+    axis = {name: 1 if layer.op == "Conv" else -1 for name, layer in layers.items()}
+    tensors = {name: layer.node.inputs[0].name for name, layer in layers.items()}
+    model_input = graph.inputs[0].name
+    inner = sorted({(tensor, axis[name]) for name, tensor in tensors.items() if tensor != model_input})
+    measured = activation_statistics(graph, like, inputs, [t for t, _ in inner], [a for _, a in inner]) if inner else []
+    means = {key: mean for key, (mean, _) in zip(inner, measured)}
+    for name, tensor in tensors.items():
+        if tensor == model_input:
+            means[tensor, axis[name]] = channel_statistics([inputs], axis[name])[0]
+    return {name: means[tensors[name], axis[name]] for name in layers}
 
 
 @dataclass
