@@ -1,5 +1,6 @@
 """The budgeted search (allocate.py) on hand-made noise tables, and --target-bits end to end."""
 
+import numpy as np
 import pytest
 
 from conftest import chain_model
@@ -153,3 +154,32 @@ def test_knapsack_does_not_spend_a_large_narrowing_where_small_ones_fit():
     budget = 7.0 * 2000
     choice = knapsack_allocation(units, integer_costs(sizes), damage, budget)
     assert choice[0][1] > 2 and average(units, sizes, choice) <= 7.0
+
+
+def test_probe_weights_take_out_the_mean_shift_the_refinement_will_match():
+    """With the input means, a layer's probe bias removes its output's mean shift on the probe's inputs: the
+    classifier's logits keep the float model's mean per class at 2 bits; without them they do not."""
+    from dfmpc_onnx.allocate import UnitWeights
+    from dfmpc_onnx.fold import fold_batchnorm
+    from dfmpc_onnx.graph import find_layers, import_graph
+    from dfmpc_onnx.load import load_whole_model
+    from dfmpc_onnx.maths.noise import noise_batch
+    from dfmpc_onnx.inputs import model_facts
+    from dfmpc_onnx.options import Options, resolve
+    from dfmpc_onnx.sensitivity import input_means, output_probe
+
+    model = load_whole_model(chain_model())
+    graph = import_graph(model)
+    fold_batchnorm(graph)
+    layers, _ = find_layers(graph)
+    inputs = noise_batch([1, 3, 8, 8], "pink", 16, 0)
+    probe = output_probe(graph, layers, inputs, model)
+    plan = resolve(Options(), model_facts(model, {}))
+    means = input_means(graph, model, layers, inputs)
+    assert means["stem"].shape == (3,) and means["fc"].shape == (8,)
+    np.testing.assert_allclose(means["stem"], inputs.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    float_mean = np.concatenate([o[0] for o in probe.reference]).mean(axis=0)
+    for given, matches in ((means, True), (None, False)):
+        fc = UnitWeights(layers, plan, given).layer("fc", 2, False)
+        logits = np.concatenate([o[0] for o in probe.outputs({"fc": fc})])
+        assert np.allclose(logits.mean(axis=0), float_mean, atol=1e-4) == matches
