@@ -31,7 +31,7 @@ from .pairs import Pair, PairSearch
 from .plan import (block_grid, compensated, layer_compensation, output_shift, quantize_layer, scale_block,
                    scheme_bits)
 from .progress import Console
-from .refine import MATCHING
+from .refine import MATCHING, matched_layers
 from .sensitivity import Weights, input_means, output_probe
 from .storage import shared_constant_bits, stored_weight_bits
 
@@ -71,11 +71,11 @@ Costs = dict[str, dict[int, int]]
 def layer_costs(layers: dict[str, Layer], units: list[Unit], plan: Plan) -> Costs:
     """Stored bits of each layer's weight at each of ``WIDTHS``, scales included. A layer's scales are per
     channel whatever its quantizer's when something rescales its channels: c on a pair producer, and
-    statistics matching on every Conv (``refine.match_statistics``)."""
+    statistics matching on the layers it matches (``refine.matched_layers``)."""
     options = plan.options
     rescaled = {p for unit in units for p in unit.producers} if options.compensate else set()
-    if plan.refine in ("stats", "refit"):
-        rescaled |= {name for name, layer in layers.items() if layer.op == "Conv"}
+    if plan.refine in MATCHING:
+        rescaled |= set(matched_layers(layers, plan))
     blocks = {name: scale_block(layer, plan.scale_block) for name, layer in layers.items()}
     return {name: {b: stored_weight_bits(b, layer.weight.shape, layer.out_axis, name in rescaled or options.per_channel(b),
                                          plan.storage, block_grid(blocks[name], plan.grid(b)), blocks[name])
@@ -286,15 +286,16 @@ def _protection_note(protection: list[Protection], plan: Plan) -> str:
 def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Layer], pairs: tuple[Pair, ...],
                   inputs: np.ndarray, plan: Plan, console: Console) -> tuple[dict[str, int], str]:
     """``--target-bits``: bits per layer from ``knapsack_allocation`` or ``greedy_allocation``, each unit's
-    damage measured alone (the paper's compensation, the mean shift taken out where the refinement matches
-    means, ``UnitWeights``) on ``inputs``; both choices and every uniform
+    damage measured alone (the paper's compensation, the mean shift taken out of the layers whose means the
+    refinement matches, ``refine.matched_layers``, ``UnitWeights``) on ``inputs``; both choices and every uniform
     width that fits the budget are then measured together, all units at once, and the one with the least
     damage is kept (the damages of units do not simply add: a greedy choice that looked cheap can cost more
     than one width for all). Also a note giving the allocation."""
     units = make_units(list(layers), pairs)
     sizes = {name: int(layer.weight.size) for name, layer in layers.items()}
     probe = output_probe(graph, layers, inputs, like)
-    means = input_means(graph, like, layers, inputs) if plan.refine in MATCHING else None
+    matched = {name: layers[name] for name in matched_layers(layers, plan)} if plan.refine in MATCHING else {}
+    means = input_means(graph, like, matched, inputs) if matched else None
     weights = UnitWeights(layers, plan, means)
     damage = {}
     progress = console.progress("target bits", len(units), "units measured at each width")

@@ -97,8 +97,7 @@ def match_statistics(graph: gs.Graph, qlayers: QLayers, inputs: np.ndarray, plan
     applied to the values already computed, and the whole refinement costs about two forward passes.
     With ``activation_ranges`` the quantized model runs through a copy whose activations are quantized,
     so the corrections also take up the activations' error."""
-    last = list(qlayers)[-1] if plan.options.keep_last else None
-    targets = [name for name, ql in qlayers.items() if ql.layer.op in ("Conv", "MatMul") and name != last]
+    targets = matched_layers({name: ql.layer for name, ql in qlayers.items()}, plan)
     if not targets:
         return qlayers
     graph_inputs = {t.name for t in graph.inputs}
@@ -148,7 +147,7 @@ def _matched(ql: QuantizedLayer, float_output: list[np.ndarray], quantized_outpu
     """The layer with its output's per-channel mean, and with ``variance`` its variance, matched to the float
     model's (the affine map folded into its scales and bias), and its output as corrected; as it is where
     ``_feature_axis`` says its statistics are not matched."""
-    axis = _feature_axis(ql.layer, float_output[0])
+    axis = _feature_axis(ql.layer, float_output[0].ndim)
     if axis is None:
         return ql, quantized_output
     m_f, v_f = channel_statistics(float_output, axis)
@@ -159,13 +158,23 @@ def _matched(ql: QuantizedLayer, float_output: list[np.ndarray], quantized_outpu
             [apply_affine(values, a, m_q, m_f, axis) for values in quantized_output])
 
 
-def _feature_axis(layer: Layer, output: np.ndarray) -> int | None:
+def matched_layers(layers: dict[str, Layer], plan: Plan) -> list[str]:
+    """The layers whose output statistics ``match_statistics`` matches, in ``layers``' order: Convs and
+    MatMuls applied at every position (``_feature_axis``; a MatMul whose rank is not known counts), but the
+    last layer under ``--keep-last``. The ``--target-bits`` probes take the mean shift out of these only."""
+    last = list(layers)[-1] if plan.options.keep_last else None
+    ranks = {name: len(layer.output.shape) if layer.output.shape else None for name, layer in layers.items()}
+    return [name for name, layer in layers.items()
+            if layer.op in ("Conv", "MatMul") and name != last and _feature_axis(layer, ranks[name]) is not None]
+
+
+def _feature_axis(layer: Layer, rank: int | None) -> int | None:
     """The axis of ``layer``'s output channels whose statistics are matched: 1 for a Conv; the last for a
     MatMul applied at every position (batch x tokens x features: token-wise statistics); None for a MatMul
-    whose output is one row per sample (a classifier head, left as Gemm is)."""
+    whose output is one row per sample (a classifier head, left as Gemm is). ``rank`` is the output's."""
     if layer.op == "Conv":
         return 1
-    return -1 if output.ndim >= 3 else None
+    return -1 if rank is None or rank >= 3 else None
 
 
 def _plain_conv(layer: Layer) -> bool:

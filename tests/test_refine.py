@@ -275,3 +275,40 @@ def test_a_matmul_over_tokens_is_matched_per_feature():
     np.testing.assert_allclose(got[1], want[1], rtol=1e-3)
     assert not np.allclose(before[1], want[1], rtol=1e-2)
     assert report.refine == "stats"
+
+
+def test_matched_layers_are_the_convs_and_token_wise_matmuls_but_the_kept_last():
+    """The layers whose means the refinement matches (and the ``--target-bits`` probes correct): no Gemm
+    head, no MatMul with one row per sample, and not the last layer under ``--keep-last``."""
+    from conftest import chain_model
+    from test_pairs import attention_model
+    from dfmpc_onnx.graph import find_layers
+    from dfmpc_onnx.inputs import model_facts
+    from dfmpc_onnx.options import resolve
+    from dfmpc_onnx.refine import matched_layers
+
+    for model, kinds in ((chain_model(), {"Conv"}), (attention_model(), {"MatMul"})):
+        model = load_whole_model(model)
+        graph = import_graph(model)
+        fold_batchnorm(graph)
+        layers, _ = find_layers(graph)
+        names = list(layers)
+        for keep_last in (True, False):
+            plan = resolve(Options(keep_last=keep_last), model_facts(model, {}))
+            matched = matched_layers(layers, plan)
+            assert {layers[n].op for n in matched} == kinds
+            assert (names[-1] in matched) == (not keep_last and layers[names[-1]].op in kinds)
+            assert len(matched) >= len(names) - 2
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    weights = [onnx.numpy_helper.from_array(rng.normal(size=s).astype(np.float32), f"w{i}")
+               for i, s in enumerate([(8, 4), (4, 3)])]
+    rows = h.make_model(h.make_graph(
+        [h.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"), h.make_node("MatMul", ["h", "w1"], ["y"], name="mm1")],
+        "rows", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])], weights))
+    model = load_whole_model(rows)
+    graph = import_graph(model)
+    layers, _ = find_layers(graph)
+    assert len(layers) == 2
+    assert matched_layers(layers, resolve(Options(keep_last=False), model_facts(model, {}))) == []
