@@ -31,7 +31,7 @@ from .pairs import Pair, PairSearch
 from .plan import (block_grid, compensated, layer_compensation, output_shift, quantize_layer, scale_block,
                    scheme_bits)
 from .progress import Console
-from .refine import MATCHING, matched_layers
+from .refine import matched_layers
 from .sensitivity import Weights, input_means, output_probe
 from .storage import shared_constant_bits, stored_weight_bits
 
@@ -74,8 +74,7 @@ def layer_costs(layers: dict[str, Layer], units: list[Unit], plan: Plan) -> Cost
     statistics matching on the layers it matches (``refine.matched_layers``)."""
     options = plan.options
     rescaled = {p for unit in units for p in unit.producers} if options.compensate else set()
-    if plan.refine in MATCHING:
-        rescaled |= set(matched_layers(layers, plan))
+    rescaled |= set(matched_layers(layers, plan))
     blocks = {name: scale_block(layer, plan.scale_block) for name, layer in layers.items()}
     return {name: {b: stored_weight_bits(b, layer.weight.shape, layer.out_axis, name in rescaled or options.per_channel(b),
                                          plan.storage, block_grid(blocks[name], plan.grid(b)), blocks[name])
@@ -294,7 +293,7 @@ def allocate_bits(graph: gs.Graph, like: onnx.ModelProto, layers: dict[str, Laye
     units = make_units(list(layers), pairs)
     sizes = {name: int(layer.weight.size) for name, layer in layers.items()}
     probe = output_probe(graph, layers, inputs, like)
-    matched = {name: layers[name] for name in matched_layers(layers, plan)} if plan.refine in MATCHING else {}
+    matched = {name: layers[name] for name in matched_layers(layers, plan)}
     means = input_means(graph, like, matched, inputs) if matched else None
     weights = UnitWeights(layers, plan, means)
     damage = {}

@@ -159,13 +159,15 @@ def _matched(ql: QuantizedLayer, float_output: list[np.ndarray], quantized_outpu
 
 
 def matched_layers(layers: dict[str, Layer], plan: Plan) -> list[str]:
-    """The layers whose output statistics ``match_statistics`` matches, in ``layers``' order: Convs and
-    MatMuls applied at every position (``_feature_axis``; a MatMul whose rank is not known counts), but the
-    last layer under ``--keep-last``. The ``--target-bits`` probes take the mean shift out of these only."""
+    """The layers whose output statistics ``match_statistics`` matches, in ``layers``' order, none unless
+    ``plan.refine`` is one of ``MATCHING``: Convs and MatMuls applied at every position (``_feature_axis``; a
+    MatMul whose rank is not known counts), but the last layer under ``--keep-last``. The ``--target-bits``
+    probes take the mean shift out of these only."""
+    if plan.refine not in MATCHING:
+        return []
     last = list(layers)[-1] if plan.options.keep_last else None
-    ranks = {name: len(layer.output.shape) if layer.output.shape else None for name, layer in layers.items()}
-    return [name for name, layer in layers.items()
-            if layer.op in ("Conv", "MatMul") and name != last and _feature_axis(layer, ranks[name]) is not None]
+    return [name for name, layer in layers.items() if layer.op in ("Conv", "MatMul") and name != last
+            and _feature_axis(layer, len(layer.output.shape) if layer.output.shape else None) is not None]
 
 
 def _feature_axis(layer: Layer, rank: int | None) -> int | None:

@@ -299,6 +299,8 @@ def test_matched_layers_are_the_convs_and_token_wise_matmuls_but_the_kept_last()
             assert {layers[n].op for n in matched} == kinds
             assert (names[-1] in matched) == (not keep_last and layers[names[-1]].op in kinds)
             assert len(matched) >= len(names) - 2
+            for refine in ("none", "bias"):
+                assert matched_layers(layers, resolve(Options(refine=refine), model_facts(model, {}))) == []
     h = onnx.helper
     rng = np.random.default_rng(0)
     weights = [onnx.numpy_helper.from_array(rng.normal(size=s).astype(np.float32), f"w{i}")
