@@ -11,10 +11,9 @@ import numpy as np
 from .graph import Layer, from_rows, to_rows
 from .maths.compensation import solve_compensation
 from .maths.statistics import expected_output_error
-from .maths.quantizers import QuantizedWeight, kbit_quantize, quantize_rows
+from .maths.quantizers import QuantizedWeight, quantize_rows
 from .options import Options, Plan, Scheme
 from .pairs import PairSearch
-from .storage import scale_ceiling
 
 
 @dataclass(frozen=True)
@@ -58,25 +57,9 @@ def quantize_weight_rows(rows: np.ndarray, bits: int, plan: Plan, taps: int = 1,
     threshold, k-bit range, grid (or ``grid``) and rounding (``taps``: the layer's ``Layer.taps``); with
     ``block``, a scale per ``block`` weights of a row on the integer grid (``quantize_rows``)."""
     options = plan.options
-    taps = taps if options.kbit_rounding == "kernel-sum" else 1
-    q = quantize_rows(rows, bits, options.per_channel(bits), plan.ternary_threshold, plan.kbit_range,
-                      block_grid(block, grid or plan.grid(bits)), taps, block)
-    return on_stored_scales(q, rows, taps)
-
-
-def on_stored_scales(q: QuantizedWeight, rows: np.ndarray, taps: int = 1) -> QuantizedWeight:
-    """k-bit ``q`` rounded again (as q was: ``taps``) on its scales rounded up to ones that ``exact`` storage
-    keeps exactly, a byte each (``storage.scale_ceiling``: at most one step of the byte codes, about 1 % on
-    most layers). Codes rounded first and their scales coded after leave each channel's gain off by up to half
-    a step, more than 6- and 8-bit rounding's own error; rounded up, every weight stays in range and every
-    format holds the same weights. Ternary codes do not depend on their scale."""
-    above = scale_ceiling(q) if q.bits > 2 else None
-    if above is None:
-        return q
-    levels = 2**q.bits - 1 if q.grid == "dorefa" else 2 ** (q.bits - 1) - 1
-    rounded = kbit_quantize(rows.reshape(-1, q.block) if q.block else rows, q.bits, above.reshape(-1) * levels,
-                            q.grid, taps)
-    return dataclasses.replace(q, codes=rounded.codes.reshape(q.codes.shape), scale=rounded.scale.reshape(q.scale.shape))
+    return quantize_rows(rows, bits, options.per_channel(bits), plan.ternary_threshold, plan.kbit_range,
+                         block_grid(block, grid or plan.grid(bits)),
+                         taps if options.kbit_rounding == "kernel-sum" else 1, block)
 
 
 def block_grid(block: int, grid: str) -> str:

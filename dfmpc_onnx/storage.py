@@ -160,20 +160,6 @@ def log_scales(q: QuantizedWeight) -> LogScales | None:
     return LogScales(np.where(live | zeros, codes, 1).astype(np.uint8), step, base, zeros)
 
 
-def scale_ceiling(q: QuantizedWeight) -> np.ndarray | None:
-    """q's live scales each rounded up onto the grid that ``log_scales`` stores them on (its ends are q's own
-    smallest and largest live scale, so ``log_scales`` of the result keeps every scale exactly); None for a
-    single scale."""
-    stored = log_scales(q)
-    if stored is None or stored.step <= 0:
-        return None
-    step = float(stored.step)
-    low = np.log2(float(stored.base)) - step * (LOG_SCALE_ZERO - 1)
-    live = q.scale > q.scale.max() * 2.0**-LOG_SCALE_OCTAVES
-    index = (np.log2(np.where(live, q.scale, 1.0)) - low) / step  # within 1e-3 of a grid point (t is float32): on it
-    return np.where(live, 2.0 ** (low + np.clip(np.ceil(index - 1e-3), 0, 254) * step), q.scale)
-
-
 def with_stored_scale(q: QuantizedWeight, storage: str) -> tuple[QuantizedWeight, LogScales | None]:
     """``q`` with its scales as the file keeps them, and how it keeps them: ``LogScales`` under ``exact``
     (None for a single scale, and under ``portable`` and ``int8``: float32)."""
