@@ -3,7 +3,6 @@ bytes, and the opset every type needs (``storage_parts`` for the policy)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -15,7 +14,7 @@ from onnx import numpy_helper, version_converter
 from .errors import InputError, first_line
 from .graph import WEIGHTED_OPS
 from .load import constant_tensors, default_opset
-from .maths.quantizers import QuantizedWeight, kbit_quantize
+from .maths.quantizers import QuantizedWeight
 from .options import WIDTHS, Plan
 
 
@@ -128,8 +127,7 @@ class LogScales:
     ``zeros`` (a row whose nonzero codes must give zero weights: DoReFa's odd codes, or c_j = 0).
 
     The scales span log2(max/min) octaves in 254 steps, so the relative error of a channel's scale is at most
-    half a step, and where that gain error costs more than rounding again, the row is rounded again on the
-    grid (``on_scale_grid``)."""
+    half a step; the codes of the weights do not change."""
 
     codes: np.ndarray
     step: np.float32
@@ -163,37 +161,10 @@ def log_scales(q: QuantizedWeight) -> LogScales | None:
 
 
 def with_stored_scale(q: QuantizedWeight, storage: str) -> tuple[QuantizedWeight, LogScales | None]:
-    """``q`` as the file keeps it, and how it keeps its scales: under ``exact`` scales on the ``LogScales`` grid
-    (``on_scale_grid``; None for a single scale), under ``portable`` and ``int8`` float32 scales (None)."""
-    if storage != "exact":
-        return q.with_scale(q.scale.astype(np.float32)), None
-    q = on_scale_grid(q)
-    stored = log_scales(q)
+    """``q`` with its scales as the file keeps them, and how it keeps them: ``LogScales`` under ``exact``
+    (None for a single scale, and under ``portable`` and ``int8``: float32)."""
+    stored = log_scales(q) if storage == "exact" else None
     return q.with_scale(q.scale.astype(np.float32) if stored is None else stored.values()), stored
-
-
-def on_scale_grid(q: QuantizedWeight) -> QuantizedWeight:
-    """``q`` with every scale on the grid ``log_scales`` stores it on, per row (or block) whichever of two
-    is nearer q's weights: q's codes on the nearest scale of the grid (the row's gain off by up to half a
-    step: about 0.5 % on most layers, at most 2.2 %), or for k-bit codes the weights rounded again on the
-    scale of the grid above q's (no weight out of range). The gain error outweighs a second rounding at wide
-    widths, where rounding's own error is smaller; at narrow widths the first is kept. The grid's ends are
-    q's own smallest and largest live scale, which both keep, so ``log_scales`` of the result is exact."""
-    stored = log_scales(q)
-    if stored is None or q.bits == 2:
-        return q
-    nearest = stored.values().astype(np.float64)
-    live = q.scale > q.scale.max() * 2.0**-LOG_SCALE_OCTAVES
-    below = live & (nearest < q.scale * (1 - 1e-6)) & (stored.codes < 255)  # the grid's ends are q's own scales
-    above = nearest * np.where(below, 2.0 ** float(stored.step), 1.0)
-    weights = q.dequantize().astype(np.float64).reshape(-1, q.block or q.codes.shape[1])
-    levels = 2**q.bits - 1 if q.grid == "dorefa" else 2 ** (q.bits - 1) - 1
-    rounded = kbit_quantize(weights, q.bits, above.reshape(-1) * levels, q.grid)
-    codes = q.codes.reshape(weights.shape)
-    kept_error = np.square(codes * nearest.reshape(-1, 1) - weights).sum(axis=1)
-    keep = ~live.reshape(-1) | (kept_error <= np.square(rounded.dequantize() - weights).sum(axis=1))
-    return dataclasses.replace(q, codes=np.where(keep[:, None], codes, rounded.codes).reshape(q.codes.shape),
-                               scale=np.where(keep, nearest.reshape(-1), above.reshape(-1)).reshape(q.scale.shape))
 
 
 OPSET_FOR_TYPE = {ml_dtypes.int2: 25, ml_dtypes.uint2: 25, ml_dtypes.int4: 21, np.int8: 13, np.int16: 21}

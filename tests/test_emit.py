@@ -6,7 +6,6 @@ from onnx import numpy_helper
 
 from conftest import chain_model, residual_model, run_model
 from dfmpc_onnx import quantize
-from dfmpc_onnx.maths.quantizers import sqnr_db
 
 
 def initializers(model):
@@ -99,7 +98,7 @@ def test_exact_storage_codes_each_scale_in_a_byte():
     assert len(codes) >= 4 and set(codes.values()) == {onnx.TensorProto.UINT8}
     for name, weight in dequantized_weights(exact).items():
         assert 0 < scale_step(exact, name) < 0.01
-        assert sqnr_db(plain[name], weight) > 30  # the same weights but for the scale codes (storage.on_scale_grid)
+        np.testing.assert_allclose(weight, plain[name], rtol=scale_step(exact, name) * 1.001, atol=1e-30)
     assert stored_bits_per_weight(exact) < stored_bits_per_weight(portable)
 
 
@@ -128,35 +127,6 @@ def test_scale_codes_keep_every_scale_within_half_a_step():
     assert log_scales(QuantizedWeight(np.ones((3, 2), np.int8), np.full(3, 0.25), 4, 4)) is None
     with pytest.raises(ValueError):
         log_scales(QuantizedWeight(np.ones((2, 2), np.int8), np.array([1.0, -1.0]), 4, 4))
-
-
-@pytest.mark.parametrize("grid,block", [("dorefa", 0), ("integer", 0), ("integer", 8)])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_exact_storage_rounds_again_the_rows_its_scale_codes_would_move_most(bits, grid, block):
-    """Exact storage puts every scale on its byte codes' grid (``storage.on_scale_grid``), per row whichever
-    is nearer the quantizer's weights: the same codes on the nearest scale (a gain error) or the weights
-    rounded again on the scale above. Never farther than the first, which is what it did before; at 8 bits,
-    where the gain error exceeds rounding's, much nearer; and the file holds exactly what was chosen."""
-    from dfmpc_onnx.maths.quantizers import quantize_rows
-    from dfmpc_onnx.storage import log_scales, on_scale_grid, with_stored_scale
-
-    rng = np.random.default_rng(bits)
-    rows = rng.normal(size=(48, 32)) * 2.0 ** rng.uniform(-6, 6, (48, 1))  # channels 12 octaves apart
-    q = quantize_rows(rows, bits, True, kbit_grid=grid, block=block)
-    chosen = on_scale_grid(q)
-    stored, _ = with_stored_scale(q, "exact")
-    np.testing.assert_allclose(stored.dequantize(), chosen.dequantize(), rtol=1e-5, atol=0)
-    np.testing.assert_allclose(log_scales(chosen).values(), chosen.scale, rtol=1e-5)
-    limit = 2**bits - 1 if grid == "dorefa" else 2 ** (bits - 1) - 1
-    assert np.abs(chosen.codes).max() <= limit and chosen.grid == grid and chosen.block == block
-    same_codes = q.with_scale(log_scales(q).values())
-    target = q.dequantize()
-    error = np.square(chosen.dequantize() - target).sum(axis=1)
-    error_same_codes = np.square(same_codes.dequantize() - target).sum(axis=1)
-    assert np.all(error <= error_same_codes * (1 + 1e-5))
-    assert error.sum() <= error_same_codes.sum() * (0.5 if bits == 8 else 1)  # at 4 bits rounding again costs more
-    ternary = quantize_rows(rows, 2, True)
-    assert on_scale_grid(ternary) is ternary
 
 
 @pytest.mark.parametrize("make", [chain_model, residual_model])
@@ -283,7 +253,7 @@ def test_matmul_weights_with_output_channels_on_axis_1(scheme):
     weight = next(values[n.input[1]] for n in flt.graph.node if n.op_type == "MatMul")
     scales = {n.name: n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.name.startswith("mm.D")}
     assert scales and all(next(a.i for a in n.attribute if a.name == "axis") == 1 for n in scales.values())
-    assert sqnr_db(weight, dequantized_weights(qdq)["mm"]) > 30  # but for the scale codes (storage.on_scale_grid)
+    np.testing.assert_allclose(dequantized_weights(qdq)["mm"], weight, rtol=scale_step(qdq, "mm") * 1.001, atol=0)
     x = np.random.default_rng(5).normal(size=(1, 3, 8, 8)).astype(np.float32)
     expected = run_model(flt, x)  # the same but for the scale codes' rounding (under 1 %)
     np.testing.assert_allclose(run_model(qdq, x), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
